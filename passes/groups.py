@@ -1,0 +1,341 @@
+"""Channel analysis: walk the traced graph applying the rule table, then read off the units,
+the groups of units that share producers, the mask sites and what could not be pruned and why."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .channels import ChannelSpace, Layout
+from .plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
+from .rules import Unsupported, lookup
+
+MAX_PARAM_IDS = 1 << 21  # a parameter combined elementwise gets one id per element; cap the cost
+
+
+def is_tensor_meta(meta) -> bool:
+    return meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype")
+
+
+def tensor_meta(node):
+    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
+def describe(node: fx.Node, modules) -> str:
+    if node.op == "call_module":
+        return f"module {type(modules[node.target]).__module__}.{type(modules[node.target]).__name__}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
+    return f"method Tensor.{node.target}"
+
+
+class RuleContext:
+    """What a rule sees: its node's arguments, their layouts and shapes, and the channel space."""
+
+    def __init__(self, walker: "ChannelWalker", node: fx.Node):
+        self.w, self.node, self.space = walker, node, walker.space
+        self.module = walker.modules.get(node.target) if node.op == "call_module" else None
+
+    # arguments ------------------------------------------------------------
+    def arg(self, i: int, name: str | None = None, default=None):
+        if i < len(self.node.args):
+            return self.node.args[i]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def varargs(self, start: int, name: str):
+        """Sizes/dims given either as *args or as one tuple (x.view(a, b) vs x.view((a, b)))."""
+        rest = self.node.args[start:]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            return list(rest[0])
+        if not rest and name in self.node.kwargs:
+            return list(self.node.kwargs[name])
+        return list(rest)
+
+    def tensor_args(self):
+        values = [a for a in self.node.args if self.is_tensor(a)]
+        return values + [v for v in self.node.kwargs.values() if self.is_tensor(v)]
+
+    def is_tensor(self, value) -> bool:
+        return is_tensor_meta(tensor_meta(value))
+
+    # layouts and shapes --------------------------------------------------------
+    def layout_of(self, value):
+        return self.w.layouts.get(value) if isinstance(value, fx.Node) else None
+
+    def shape_of(self, value):
+        return tuple(tensor_meta(value).shape)
+
+    @property
+    def out_shape(self):
+        return tuple(self.node.meta["tensor_meta"].shape)
+
+    @property
+    def out_shapes(self):
+        return [tuple(m.shape) for m in self.node.meta["tensor_meta"]]
+
+    @property
+    def out_is_tensor(self) -> bool:
+        return is_tensor_meta(self.node.meta.get("tensor_meta"))
+
+    # effects ---------------------------------------------------------------------
+    def pin(self, layout: Layout, reason: str):
+        self.space.pin(layout.ids, reason)
+        self.w.pin_sites[reason].add(self.node.name)
+
+    def normalize(self, ids, prefer):
+        return self.space.normalize(ids, prefer)
+
+    def axis(self, name: str, size: int, producer: bool = False) -> np.ndarray:
+        """The ids of one channel axis of this node's module (shared by every call of it)."""
+        key = (self.node.target, name)
+        if key not in self.w.module_ids:
+            self.w.module_ids[key] = self.space.fresh(
+                (size,), producer=(self.node.target, name) if producer else None)
+        return self.w.module_ids[key]
+
+    def consume(self, arg_index: int, dim: int):
+        """This node mixes the channels of input `arg_index` along `dim`: a mask site."""
+        from .rules import along
+
+        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim)))
+
+
+class ChannelWalker:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.space = ChannelSpace()
+        self.layouts: dict[fx.Node, object] = {}
+        self.module_ids: dict[tuple[str, str], np.ndarray] = {}
+        self.param_ids: dict[str, np.ndarray] = {}
+        self.sites: list[tuple[str, int, int, np.ndarray]] = []
+        self.pin_sites: dict[str, set[str]] = defaultdict(set)
+
+    def run(self):
+        for node in self.gm.graph.nodes:
+            self.layouts[node] = self.visit(node)
+
+    def visit(self, node: fx.Node):
+        meta = node.meta.get("tensor_meta")
+        if node.op == "placeholder":
+            return self.space.background(len(meta.shape), "model input") if is_tensor_meta(meta) else None
+        if node.op == "get_attr":
+            return self.get_attr(node, meta)
+        if node.op == "output":
+            for value in _flatten(node.args):
+                lay = self.layouts.get(value) if isinstance(value, fx.Node) else None
+                for one in (lay if isinstance(lay, tuple) else (lay,)):
+                    if isinstance(one, Layout):
+                        self.space.pin(one.ids, "reaches the model output")
+            return None
+        inputs = [self.layouts.get(a) for a in _flatten((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+        carries_channels = any(x is not None for x in inputs)
+        rule = lookup(node, self.modules)
+        ctx = RuleContext(self, node)
+        try:
+            if rule is None:
+                if not carries_channels:  # python arithmetic on sizes, torch.zeros(...), ...
+                    return self.fresh_output(meta, "created from sizes or constants")
+                raise Unsupported(f"no channel rule for {describe(node, self.modules)}")
+            return rule.analyse(ctx)
+        except Unsupported as why:
+            reason = str(why)
+            for lay in inputs:
+                for one in (lay if isinstance(lay, tuple) else (lay,)):
+                    if isinstance(one, Layout):
+                        self.space.pin(one.ids, reason)
+            self.pin_sites[reason].add(node.name)
+            return self.fresh_output(meta, reason)
+
+    def fresh_output(self, meta, reason):
+        if is_tensor_meta(meta):
+            return self.space.background(len(meta.shape), reason)
+        if isinstance(meta, (tuple, list)) and all(is_tensor_meta(m) for m in meta):
+            return tuple(self.space.background(len(m.shape), reason) for m in meta)
+        return None
+
+    def get_attr(self, node, meta):
+        if not is_tensor_meta(meta):
+            return None
+        if node.target not in self.param_ids:
+            shape = tuple(meta.shape)
+            if int(np.prod(shape)) > MAX_PARAM_IDS:
+                lay = self.space.background(len(shape), f"parameter {node.target} too large to track")
+                self.param_ids[node.target] = lay.ids
+            else:
+                self.param_ids[node.target] = self.space.fresh(shape)
+        return Layout(self.param_ids[node.target], None)
+
+
+def _flatten(x):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _flatten(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _flatten(y)
+    else:
+        yield x
+
+
+# ------------------------------------------------------------------------------ reading off the plan
+def analyse_channels(gm: fx.GraphModule, example: list) -> Plan:
+    """Run the channel walk over a shape-propagated GraphModule and return its Plan."""
+    w = ChannelWalker(gm)
+    w.run()
+    space = w.space
+
+    # A parameter whose channels ended up on more than one dim cannot be sliced to a rectangle.
+    for target, ids in w.param_ids.items():
+        roots = space.roots(ids)
+        varying = [d for d in range(ids.ndim) if ids.shape[d] > 1
+                   and not (roots == roots.take([0], axis=d)).all()]
+        if len(varying) > 1:
+            space.pin(ids, f"parameter {target} has channels on several dims")
+
+    pinned_roots = {}
+    for i, reason in space.pins.items():
+        pinned_roots.setdefault(space.roots(np.array([i]))[0], set()).add(reason)
+    unit_of_root: dict[int, int] = {}
+
+    def units(ids: np.ndarray) -> np.ndarray:
+        roots = space.roots(ids)
+        flat = np.array([unit_of_root.setdefault(int(r), len(unit_of_root)) for r in roots.ravel()],
+                        dtype=np.int64)
+        return flat.reshape(ids.shape)
+
+    def axis_of(lay, shape):
+        if not isinstance(lay, Layout) or lay.dim is None:
+            return None
+        ids = lay.ids
+        for d in range(ids.ndim):
+            if d != lay.dim:
+                ids = ids.take([0], axis=d)
+        return Axis(lay.dim, units(np.broadcast_to(ids.reshape(-1), (shape[lay.dim],)).copy()))
+
+    node_axes = {}
+    for node, lay in w.layouts.items():
+        meta = node.meta.get("tensor_meta")
+        if isinstance(lay, tuple):
+            node_axes[node.name] = tuple(axis_of(l, tuple(m.shape)) for l, m in zip(lay, meta))
+        elif isinstance(lay, Layout) and is_tensor_meta(meta):
+            ax = axis_of(lay, tuple(meta.shape))
+            if ax is not None:
+                node_axes[node.name] = ax
+
+    module_axes: dict[str, dict[str, Axis]] = defaultdict(dict)
+    for (module, name), ids in w.module_ids.items():
+        module_axes[module][name] = Axis(0, units(ids))
+
+    param_axes = {}
+    for target, ids in w.param_ids.items():
+        u = units(ids)
+        varying = [d for d in range(u.ndim) if u.shape[d] > 1 and not (u == u.take([0], axis=d)).all()]
+        if varying:
+            d = varying[0]
+            line = u
+            for e in range(u.ndim):
+                if e != d:
+                    line = line.take([0], axis=e)
+            param_axes[target] = Axis(d, line.reshape(-1))
+
+    # Units that some conv/linear produces and nothing pins are the prunable ones.
+    producers_of_unit: dict[int, set[str]] = defaultdict(set)
+    first_id: dict[int, int] = {}
+    for i, (module, _axis) in space.producers.items():
+        u = int(units(np.array([i]))[0])
+        producers_of_unit[u].add(module)
+        first_id[u] = min(first_id.get(u, i), i)
+    pinned_units = {unit_of_root[r] for r in pinned_roots if r in unit_of_root}
+    root_of_unit = {u: r for r, u in unit_of_root.items()}
+
+    by_signature: dict[frozenset, list[int]] = defaultdict(list)
+    for u, mods in producers_of_unit.items():
+        if u not in pinned_units:
+            by_signature[frozenset(mods)].append(u)
+    params, macs = _unit_costs(gm, w.modules, module_axes, node_axes)
+    module_order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    groups = {}
+    for sig, us in sorted(by_signature.items(), key=lambda kv: min(first_id[u] for u in kv[1])):
+        us = sorted(us, key=lambda u: first_id[u])
+        producers = sorted(sig, key=lambda m: module_order.get(m, 0))
+        name = _unique(producers[0].replace(".", "_"), groups)
+        groups[name] = ChannelGroup(name, us, producers, np.array([params.get(u, 0) for u in us]),
+                                    np.array([macs.get(u, 0) for u in us]))
+
+    unprunable = []
+    reasons_producers: dict[str, set[str]] = defaultdict(set)
+    for u in pinned_units:
+        for reason in pinned_roots[root_of_unit[u]]:
+            reasons_producers[reason] |= producers_of_unit.get(u, set())
+    for reason in sorted(set(w.pin_sites) | set(reasons_producers)):
+        unprunable.append(Unprunable(reason, sorted(w.pin_sites.get(reason, ())),
+                                     sorted(reasons_producers.get(reason, ()))))
+
+    sites = {}
+    gated = {u for g in groups.values() for u in g.units}
+    for node, arg, dim, ids in w.sites:
+        ax = Axis(dim, units(ids))
+        if any(int(u) in gated for u in ax.units):
+            sites[_unique(f"{node}_in{arg}", sites)] = MaskSite(f"{node}_in{arg}", node, arg, ax)
+    for name, site in sites.items():
+        site.name = name
+
+    total = sum(len(ax.units) for m, axes in module_axes.items() for n, ax in axes.items() if n == "out")
+    prunable = sum(int(np.isin(ax.units, list(gated)).sum())
+                   for m, axes in module_axes.items() for n, ax in axes.items() if n == "out")
+    return Plan(groups=groups, sections={}, node_axes=node_axes, module_axes=dict(module_axes),
+                param_axes=param_axes, sites=sites, unprunable=unprunable, example=example,
+                prunable_share=prunable / total if total else 0.0)
+
+
+def _unique(name: str, taken) -> str:
+    out, i = name, 1
+    while out in taken:
+        i += 1
+        out = f"{name}_{i}"
+    return out
+
+
+def _unit_costs(gm, modules, module_axes, node_axes):
+    """Parameters and MACs removed with each unit (first order: a weight entry whose in and out
+    channel both go is counted twice, as in every L0-style size penalty)."""
+    from .rules import MODULE_RULES
+
+    params: dict[int, float] = defaultdict(float)
+    macs: dict[int, float] = defaultdict(float)
+    for name, axes in module_axes.items():
+        m = modules[name]
+        rule = MODULE_RULES.get(type(m))
+        if rule is None or rule.params is None:
+            continue
+        for pname, dims in rule.params(m).items():
+            t = getattr(m, pname, None)
+            if not isinstance(t, torch.nn.Parameter):
+                continue
+            for d, axis_name in dims.items():
+                per_position = t.numel() // t.shape[d]
+                for u in axes[axis_name].units:
+                    params[int(u)] += per_position
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in module_axes:
+            continue
+        m = modules[node.target]
+        w = getattr(m, "weight", None)
+        if w is None or not isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            continue
+        out_meta = node.meta["tensor_meta"]
+        batch = out_meta.shape[0] if len(out_meta.shape) > 1 else 1
+        out_positions = out_meta.shape.numel() // max(batch, 1)
+        total = out_positions * w[0].numel()  # MACs of this call, per example
+        for axis_name in ("in", "out"):
+            ax = module_axes[node.target].get(axis_name)
+            if ax is None or (axis_name == "in" and getattr(m, "groups", 1) > 1):
+                continue
+            for u in ax.units:
+                macs[int(u)] += total / len(ax.units)
+    return params, macs

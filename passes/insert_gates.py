@@ -1,0 +1,66 @@
+"""Insert the gates of a Plan into a traced graph (this is what `vpsurgery.wrap` returns)."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from vpsurgery.gates import ChannelGate, ChannelMask, SectionGate
+
+from .plan import Plan
+
+GATES = "vps_gates"
+MASKS = "vps_masks"
+
+
+def mask_index(plan: Plan, site_units, groups: list[str]) -> torch.Tensor:
+    """Per channel position: 0 (no gate) or 1 + the unit's slot in cat(z of `groups`)."""
+    offset, slot = 1, {}
+    for name in groups:
+        for i, u in enumerate(plan.groups[name].units):
+            slot[u] = offset + i
+        offset += len(plan.groups[name].units)
+    return torch.tensor([slot.get(int(u), 0) for u in site_units], dtype=torch.long)
+
+
+def site_groups(plan: Plan, site_units) -> list[str]:
+    owner = plan.unit_group()
+    return sorted({owner[int(u)][0] for u in site_units if int(u) in owner})
+
+
+def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphModule:
+    """Mutates `gm` (a fresh trace): gate calls at the top, masks before mixing consumers,
+    section gates on residual branches."""
+    gm.add_submodule(GATES, nn.ModuleDict())
+    gm.add_submodule(MASKS, nn.ModuleDict())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+
+    z = {}
+    for name, group in plan.groups.items():
+        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init)
+    for name in plan.sections:
+        getattr(gm, GATES)[name] = SectionGate(init)
+    with gm.graph.inserting_after(anchor):
+        for name in reversed(list(plan.groups) + list(plan.sections)):
+            z[name] = gm.graph.call_module(f"{GATES}.{name}")
+
+    for name, site in plan.sites.items():
+        used = site_groups(plan, site.axis.units)
+        getattr(gm, MASKS)[name] = ChannelMask(mask_index(plan, site.axis.units, used), site.axis.dim)
+        consumer = nodes[site.node]
+        with gm.graph.inserting_before(consumer):
+            masked = gm.graph.call_module(f"{MASKS}.{name}", (consumer.args[site.arg], *[z[g] for g in used]))
+        consumer.update_arg(site.arg, masked)
+
+    for name, section in plan.sections.items():
+        add = nodes[section.add]
+        with gm.graph.inserting_before(add):
+            gated = gm.graph.call_function(operator.mul, (add.args[section.branch_arg], z[name]))
+        add.update_arg(section.branch_arg, gated)
+
+    gm.graph.lint()
+    gm.recompile()
+    return gm

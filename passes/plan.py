@@ -1,0 +1,107 @@
+"""The Plan: everything the analysis learnt, by name, so that wrap, shrink, the objective, reports
+and the CLI read the same facts. Pure data (names and numpy arrays): it pickles, deep-copies and
+survives shrinking (shrink returns a restricted Plan for the smaller graph)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+@dataclass
+class Axis:
+    """One channel-bearing dim of a tensor or parameter: the unit of every position along it."""
+
+    dim: int
+    units: np.ndarray  # int64, one unit id per position
+
+    def keep(self, removed: set[int]) -> np.ndarray:
+        return np.nonzero(~np.isin(self.units, list(removed)))[0] if removed else np.arange(len(self.units))
+
+    def restrict(self, removed: set[int]) -> "Axis":
+        return Axis(self.dim, self.units[self.keep(removed)])
+
+
+@dataclass
+class ChannelGroup:
+    """Units (channels, or whole conv groups) that share the same producers; one gate each."""
+
+    name: str
+    units: list[int]
+    producers: list[str]  # modules whose output channels these are
+    params: np.ndarray  # parameters removed with each unit (first order: overlaps counted twice)
+    macs: np.ndarray  # multiply-accumulates per example removed with each unit
+
+
+@dataclass
+class Section:
+    """A residual add: `branch` (a nonlinear section) plus a linear path; gated as a whole."""
+
+    name: str
+    add: str  # the add node
+    branch_arg: int  # which argument of the add is the branch
+    nodes: list[str]  # nodes that exist only to compute the branch (removed with it)
+    modules: list[str]
+    params: int
+    macs: int
+    depth: int  # conv/linear layers on the branch's longest path
+
+
+@dataclass
+class MaskSite:
+    """A mixing consumer's input (conv/linear) where a gated channel is read: the mask goes here."""
+
+    name: str
+    node: str
+    arg: int
+    axis: Axis
+
+
+@dataclass
+class Unprunable:
+    reason: str
+    where: list[str]  # nodes where it happened
+    producers: list[str]  # modules whose output channels it pinned
+
+
+@dataclass
+class Plan:
+    groups: dict[str, ChannelGroup]
+    sections: dict[str, Section]
+    node_axes: dict[str, object]  # node -> Axis, or tuple of Axis|None for tuple outputs
+    module_axes: dict[str, dict[str, Axis]]  # module -> axis name -> Axis
+    param_axes: dict[str, Axis]  # get_attr target -> Axis
+    sites: dict[str, MaskSite]
+    unprunable: list[Unprunable]
+    example: list[tuple[tuple[int, ...], str]]  # shapes and dtypes of the example inputs
+    prunable_share: float = 0.0  # share of conv/linear output channels that are prunable
+    removed_units: set[int] = field(default_factory=set)
+
+    def unit_group(self) -> dict[int, tuple[str, int]]:
+        return {u: (g.name, i) for g in self.groups.values() for i, u in enumerate(g.units)}
+
+    def restrict(self, removed_units: set[int], removed_sections: set[str], gone_nodes: set[str],
+                 gone_modules: set[str]) -> "Plan":
+        """The plan of the graph after shrinking."""
+        def axis(a):
+            if a is None:
+                return None
+            return tuple(axis(x) for x in a) if isinstance(a, tuple) else a.restrict(removed_units)
+
+        groups = {}
+        for g in self.groups.values():
+            keep = [i for i, u in enumerate(g.units) if u not in removed_units]
+            if keep:
+                groups[g.name] = replace(g, units=[g.units[i] for i in keep],
+                                         producers=[p for p in g.producers if p not in gone_modules],
+                                         params=g.params[keep], macs=g.macs[keep])
+        return replace(
+            self, groups=groups,
+            sections={k: s for k, s in self.sections.items()
+                      if k not in removed_sections and s.add not in gone_nodes},
+            node_axes={k: axis(a) for k, a in self.node_axes.items() if k not in gone_nodes},
+            module_axes={m: {n: axis(a) for n, a in ax.items()} for m, ax in self.module_axes.items()
+                         if m not in gone_modules},
+            param_axes={k: axis(a) for k, a in self.param_axes.items()},
+            sites={k: replace(s, axis=axis(s.axis)) for k, s in self.sites.items() if s.node not in gone_nodes},
+            removed_units=self.removed_units | removed_units)

@@ -1,0 +1,587 @@
+"""The one table of per-op channel rules.
+
+For every op kind (module type, function, method name) a `Rule` answers:
+  1. coupling (`analyse`): given the channel layouts of the inputs, which positions are the same
+     channel, and where do the channels sit in the output;
+  2. slicing: for modules, which parameter dims belong to which channel axis (`params`) and how to
+     rebuild the module at its new size (`resize`); for calls with literal sizes in their arguments
+     (view, split, getitem), how to rewrite those arguments (`rewrite`).
+
+An op absent from this table is never guessed at: the walker in `groups.py` pins every channel that
+reaches it (it stays) and reports the op.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from .channels import Layout
+
+
+class Unsupported(Exception):
+    """Raised by a rule for a use of its op it cannot handle exactly; the walker pins and reports."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    analyse: Callable[[Any], Any]
+    # module rules: parameter/buffer name -> {dim: channel axis name}, as a function of the module
+    params: Callable[[nn.Module], dict[str, dict[int, str]]] | None = None
+    # module rules: set the module's size hyperparameters from the kept size of each axis
+    resize: Callable[[nn.Module, dict[str, int]], None] | None = None
+    # call rules: fix literal size arguments after shrinking
+    rewrite: Callable[[Any], None] | None = None
+    # module rules for mixing consumers: scale input channels (folds a gate value into weights)
+    fold_input: Callable[[nn.Module, torch.Tensor], None] | None = None
+
+
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Callable, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def lookup(node, modules) -> Rule | None:
+    if node.op == "call_module":
+        return MODULE_RULES.get(type(modules[node.target]))  # exact type: a subclass may change forward
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target)
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    return None
+
+
+def _register(table, keys, rule):
+    for k in keys:
+        table[k] = rule
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _nd(dim: int, ndim: int) -> int:
+    return dim % ndim if ndim else 0
+
+
+def along(ctx, value, dim: int) -> np.ndarray:
+    """The 1-D channel ids of `value` along `dim` (full length). Channels that sit elsewhere are
+    pinned: a consumer reading `dim` cannot remove part of a channel that lives on another dim."""
+    lay, shape = ctx.layout_of(value), ctx.shape_of(value)
+    if lay.dim is not None and lay.dim != dim and lay.ids.shape[lay.dim] > 1:
+        ctx.pin(lay, f"channels on dim {lay.dim} are read along dim {dim}")
+    ids = lay.ids
+    for d in range(ids.ndim):
+        if d != dim:
+            ids = ids.take([0], axis=d)
+    return np.broadcast_to(ids.reshape(-1), (shape[dim],)).copy()
+
+
+def channel_layout(ids_1d: np.ndarray, ndim: int, dim: int) -> Layout:
+    shape = [1] * ndim
+    shape[dim] = len(ids_1d)
+    return Layout(ids_1d.reshape(shape), dim)
+
+
+def _same(ctx):
+    """Elementwise unary op: channels stay where they are."""
+    return ctx.layout_of(ctx.arg(0, "input"))
+
+
+def _metadata(ctx):
+    """Reads only shape/dtype facts of its inputs; no channel values flow through it."""
+    if ctx.out_is_tensor:  # e.g. `x == y` on tensors compares values: not metadata
+        raise Unsupported("comparison or arithmetic on tensor values")
+    if ctx.node.target is getattr and ctx.arg(1) not in METADATA_ATTRS:
+        raise Unsupported(f"attribute .{ctx.arg(1)} of a tensor")
+    return None
+
+
+# --------------------------------------------------------------------------- conv / linear
+def _conv_analyse(ctx, spatial: int):
+    m, x = ctx.module, ctx.arg(0, "input")
+    shape = ctx.shape_of(x)
+    cdim = len(shape) - spatial - 1
+    inp = ctx.axis("in", m.in_channels)
+    out = ctx.axis("out", m.out_channels, producer=True)
+    transposed = getattr(m, "transposed", False)
+    ctx.space.union(along(ctx, x, cdim), inp)
+    g = m.groups
+    if g > 1:
+        # Only whole groups can go, or the conv would become invalid: each group's in and out
+        # channels form one unit.
+        cin, cout = m.in_channels // g, m.out_channels // g
+        for j in range(g):
+            ctx.space.union_all(np.concatenate([inp[j * cin:(j + 1) * cin], out[j * cout:(j + 1) * cout]]))
+    else:
+        ctx.consume(0, cdim)
+    del transposed
+    return channel_layout(out, len(ctx.out_shape), cdim)
+
+
+def _conv_params(m):
+    if m.groups > 1:
+        return {"weight": {0: "out"}, "bias": {0: "out"}}
+    return {"weight": {0: "out", 1: "in"}, "bias": {0: "out"}}
+
+
+def _convT_params(m):
+    # ConvTranspose weight is (in, out/groups, k...)
+    if m.groups > 1:
+        return {"weight": {0: "in"}, "bias": {0: "out"}}
+    return {"weight": {0: "in", 1: "out"}, "bias": {0: "out"}}
+
+
+def _conv_resize(m, sizes):
+    per_group_in = m.in_channels // m.groups
+    m.groups = sizes["in"] // per_group_in if m.groups > 1 else 1
+    m.in_channels, m.out_channels = sizes["in"], sizes["out"]
+
+
+def _fold_weight_dim(d):
+    def fold(m, scale):
+        shape = [1] * m.weight.ndim
+        shape[d] = -1
+        with torch.no_grad():
+            m.weight.mul_(scale.to(m.weight.dtype).view(shape))
+    return fold
+
+
+for spatial, classes in ((1, (nn.Conv1d,)), (2, (nn.Conv2d,)), (3, (nn.Conv3d,))):
+    _register(MODULE_RULES, classes, Rule(
+        analyse=lambda ctx, s=spatial: _conv_analyse(ctx, s),
+        params=_conv_params, resize=_conv_resize, fold_input=_fold_weight_dim(1)))
+for spatial, classes in ((1, (nn.ConvTranspose1d,)), (2, (nn.ConvTranspose2d,)), (3, (nn.ConvTranspose3d,))):
+    _register(MODULE_RULES, classes, Rule(
+        analyse=lambda ctx, s=spatial: _conv_analyse(ctx, s),
+        params=_convT_params, resize=_conv_resize, fold_input=_fold_weight_dim(0)))
+
+
+def _linear_analyse(ctx):
+    m, x = ctx.module, ctx.arg(0, "input")
+    cdim = len(ctx.shape_of(x)) - 1
+    ctx.space.union(along(ctx, x, cdim), ctx.axis("in", m.in_features))
+    ctx.consume(0, cdim)
+    return channel_layout(ctx.axis("out", m.out_features, producer=True), len(ctx.out_shape), cdim)
+
+
+def _linear_resize(m, sizes):
+    m.in_features, m.out_features = sizes["in"], sizes["out"]
+
+
+MODULE_RULES[nn.Linear] = Rule(
+    analyse=_linear_analyse,
+    params=lambda m: {"weight": {0: "out", 1: "in"}, "bias": {0: "out"}},
+    resize=_linear_resize, fold_input=_fold_weight_dim(1))
+
+
+# --------------------------------------------------------------------------- normalisation
+_NORM_STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def _per_channel_analyse(ctx, spatial: int | None, size: int, group: int = 1):
+    """Norms and other modules with one parameter per channel on dim 1 (dim 0 if unbatched)."""
+    x = ctx.arg(0, "input")
+    ndim = len(ctx.shape_of(x))
+    cdim = 1 if spatial is None else (ndim - spatial - 1)
+    ch = ctx.axis("ch", size)
+    ctx.space.union(along(ctx, x, cdim), ch)
+    for j in range(0, size, group):  # GroupNorm: a group's statistics need all of its channels
+        if group > 1:
+            ctx.space.union_all(ch[j:j + group])
+    return ctx.normalize(ctx.layout_of(x).ids, cdim)
+
+
+def _bn_resize(m, sizes):
+    m.num_features = sizes["ch"]
+
+
+_bn_params = lambda m: {k: {0: "ch"} for k in _NORM_STATE}
+_register(MODULE_RULES, (nn.BatchNorm1d, nn.SyncBatchNorm), Rule(
+    analyse=lambda ctx: _per_channel_analyse(ctx, None, ctx.module.num_features),
+    params=_bn_params, resize=_bn_resize))
+for spatial, classes in ((2, (nn.BatchNorm2d,)), (3, (nn.BatchNorm3d,)),
+                         (1, (nn.InstanceNorm1d,)), (2, (nn.InstanceNorm2d,)), (3, (nn.InstanceNorm3d,))):
+    _register(MODULE_RULES, classes, Rule(
+        analyse=lambda ctx, s=spatial: _per_channel_analyse(ctx, s, ctx.module.num_features),
+        params=_bn_params, resize=_bn_resize))
+
+
+def _gn_resize(m, sizes):
+    per_group = m.num_channels // m.num_groups
+    m.num_channels, m.num_groups = sizes["ch"], sizes["ch"] // per_group
+
+
+MODULE_RULES[nn.GroupNorm] = Rule(
+    analyse=lambda ctx: _per_channel_analyse(
+        ctx, None, ctx.module.num_channels, ctx.module.num_channels // ctx.module.num_groups),
+    params=lambda m: {"weight": {0: "ch"}, "bias": {0: "ch"}}, resize=_gn_resize)
+
+
+def _layer_norm_analyse(ctx, normalized_ndim: int):
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    if lay.dim is not None and lay.dim >= ndim - normalized_ndim:
+        # Removing a channel changes the mean and variance every other channel is normalised by.
+        ctx.pin(lay, "LayerNorm normalises over the channel dim")
+    return lay
+
+
+MODULE_RULES[nn.LayerNorm] = Rule(analyse=lambda ctx: _layer_norm_analyse(ctx, len(ctx.module.normalized_shape)))
+MODULE_RULES[nn.RMSNorm] = Rule(analyse=lambda ctx: _layer_norm_analyse(ctx, len(ctx.module.normalized_shape)))
+
+
+def _layer_norm_fn(ctx):
+    shape = ctx.arg(1, "normalized_shape")
+    return _layer_norm_analyse(ctx, len(shape) if isinstance(shape, (tuple, list)) else 1)
+
+
+FUNCTION_RULES[F.layer_norm] = Rule(analyse=_layer_norm_fn)
+
+
+def _prelu_analyse(ctx):
+    if ctx.module.num_parameters == 1:
+        return _same(ctx)
+    return _per_channel_analyse(ctx, None, ctx.module.num_parameters)
+
+
+def _prelu_resize(m, sizes):
+    m.num_parameters = sizes["ch"]
+
+
+MODULE_RULES[nn.PReLU] = Rule(analyse=_prelu_analyse, resize=_prelu_resize,
+                              params=lambda m: {"weight": {0: "ch"}} if m.num_parameters > 1 else {})
+
+
+# --------------------------------------------------------------------------- elementwise
+_UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    torchvision.ops.StochasticDepth,  # multiplies whole samples by one scalar: channel-separable
+)
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardsigmoid,
+    F.hardswish, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.sigmoid, F.tanh, F.dropout,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh,
+    torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp,
+    torch.clip, torch.erf, operator.neg, operator.pos, torchvision.ops.stochastic_depth,
+)
+_UNARY_METHODS = (
+    "relu", "sigmoid", "tanh", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "square", "clamp", "clip",
+    "erf", "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type_as",
+)
+_register(MODULE_RULES, _UNARY_MODULES, Rule(analyse=_same))
+_register(FUNCTION_RULES, _UNARY_FUNCTIONS, Rule(analyse=_same))
+_register(METHOD_RULES, _UNARY_METHODS + tuple(m + "_" for m in _UNARY_METHODS[:12]), Rule(analyse=_same))
+
+
+def _elementwise(ctx):
+    """Broadcasting binary op: positions that meet are one channel. An operand broadcast along a
+    dim where another operand's channels vary (a per-sample scalar, an (N,1,H,W) map) is not
+    coupled to them; its own channels are pinned, since a size-1 dim cannot shrink."""
+    out_shape = ctx.out_shape
+    nd = len(out_shape)
+    operands = []
+    for value in ctx.tensor_args():
+        lay, shape = ctx.layout_of(value), ctx.shape_of(value)
+        pad = nd - len(shape)
+        ids = lay.ids.reshape((1,) * pad + lay.ids.shape)
+        dim = None if lay.dim is None else lay.dim + pad
+        full_shape = (1,) * pad + tuple(shape)
+        operands.append((ids, dim, full_shape, lay))
+    coupled = []
+    for i, (ids, dim, shape, lay) in enumerate(operands):
+        broadcast = {d for d in range(nd) if shape[d] == 1 and out_shape[d] > 1}
+        others_vary = {d for j, (o, *_rest) in enumerate(operands) if j != i
+                       for d in range(nd) if o.shape[d] > 1}
+        if broadcast & others_vary:
+            ctx.pin(lay, "broadcast across channels")
+        else:
+            coupled.append((ids, dim))
+    if not coupled:
+        ids, dim = operands[0][0], operands[0][1]
+        return Layout(ids, dim)
+    arrays = np.broadcast_arrays(*[ids for ids, _ in coupled])
+    for other in arrays[1:]:
+        ctx.space.union(arrays[0], other)
+    prefer = next((d for _, d in coupled if d is not None), None)
+    return ctx.normalize(np.ascontiguousarray(arrays[0]), prefer)
+
+
+_BINARY_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+                     operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
+                     torch.div, torch.maximum, torch.minimum, torch.pow, operator.pow)
+_BINARY_METHODS = ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "pow", "maximum", "minimum")
+_register(FUNCTION_RULES, _BINARY_FUNCTIONS, Rule(analyse=_elementwise))
+_register(METHOD_RULES, _BINARY_METHODS, Rule(analyse=_elementwise))
+
+
+# --------------------------------------------------------------------------- pooling, reductions
+def _spatial_only(ctx, spatial: int, what: str):
+    """Ops that mix positions along the last `spatial` dims only (pooling, resizing)."""
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    if lay.dim is not None and lay.dim >= ndim - spatial:
+        ctx.pin(lay, f"{what} mixes the channel dim")
+    if len(ctx.out_shape) != ndim:
+        raise Unsupported(f"{what} changed the number of dims")
+    return lay
+
+
+for spatial, mods, fns in (
+        (1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
+         (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, torch.avg_pool1d)),
+        (2, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+             nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+         (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+          torch._C._nn.avg_pool2d)),
+        (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
+         (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d))):
+    rule = Rule(analyse=lambda ctx, s=spatial: _spatial_only(ctx, s, "pooling"))
+    _register(MODULE_RULES, mods, rule)
+    _register(FUNCTION_RULES, fns, rule)
+
+
+def _interpolate(ctx):
+    return _spatial_only(ctx, len(ctx.shape_of(ctx.arg(0, "input"))) - 2, "interpolation")
+
+
+FUNCTION_RULES[F.interpolate] = Rule(analyse=_interpolate)
+
+
+def _reduction(ctx):
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    dims = ctx.arg(1, "dim", None)
+    keepdim = ctx.arg(2, "keepdim", False)
+    if dims is None:
+        dims = tuple(range(ndim))
+    dims = {_nd(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    if lay.dim in dims:
+        ctx.pin(lay, "reduction over the channel dim")
+    if keepdim:
+        return lay
+    ids = lay.ids
+    for d in sorted(dims, reverse=True):
+        ids = ids.take(0, axis=d)
+    dim = None if (lay.dim is None or lay.dim in dims) else lay.dim - sum(d < lay.dim for d in dims)
+    return Layout(ids, dim)
+
+
+_register(FUNCTION_RULES, (torch.mean, torch.sum, torch.amax, torch.amin), Rule(analyse=_reduction))
+_register(METHOD_RULES, ("mean", "sum", "amax", "amin"), Rule(analyse=_reduction))
+
+
+def _softmax(ctx):
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+    if dim is None or lay.dim == _nd(dim, ndim):
+        ctx.pin(lay, "softmax over the channel dim")
+    return lay
+
+
+_register(MODULE_RULES, (nn.Softmax, nn.LogSoftmax), Rule(analyse=_softmax))
+_register(FUNCTION_RULES, (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), Rule(analyse=_softmax))
+_register(METHOD_RULES, ("softmax", "log_softmax"), Rule(analyse=_softmax))
+
+
+# --------------------------------------------------------------------------- layout ops
+def _permute(ctx):
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    if ctx.node.target in (torch.transpose, torch.swapaxes, "transpose", "swapaxes"):
+        a, b = _nd(ctx.arg(1, "dim0"), ndim), _nd(ctx.arg(2, "dim1"), ndim)
+        order = list(range(ndim))
+        order[a], order[b] = order[b], order[a]
+    else:
+        order = ctx.varargs(1, "dims")
+        order = [_nd(d, ndim) for d in order]
+    dim = None if lay.dim is None else order.index(lay.dim)
+    return Layout(np.transpose(lay.ids, order), dim)
+
+
+_register(FUNCTION_RULES, (torch.permute, torch.transpose, torch.swapaxes), Rule(analyse=_permute))
+_register(METHOD_RULES, ("permute", "transpose", "swapaxes"), Rule(analyse=_permute))
+
+
+def _reshape(ctx):
+    """Any reshape (view, flatten, unflatten, squeeze, unsqueeze): apply it to the ids."""
+    x = ctx.arg(0, "input")
+    lay, in_shape, out_shape = ctx.layout_of(x), tuple(ctx.shape_of(x)), tuple(ctx.out_shape)
+    lead = 1 if (in_shape and out_shape and in_shape[0] == out_shape[0] and lay.ids.shape[0] == 1) else 0
+    # The batch dim rarely takes part; keep it unmaterialised when it is carried through unchanged.
+    ids = ctx.space.materialize(Layout(lay.ids, lay.dim), in_shape)
+    ids = ids[:1] if lead else ids
+    target = ((1,) if lead else ()) + out_shape[lead:]
+    return ctx.normalize(ids.reshape(target), None)
+
+
+def _rewrite_sizes(ctx):
+    """view/reshape/expand: replace the literal size of every dim whose length changed."""
+    new = ctx.new_out_shape
+    old = ctx.old_out_shape
+    sizes = ctx.varargs(1, "shape" if ctx.node.target != "expand" else "size")
+    if len(sizes) != len(old):
+        return
+    fixed = [(n if (o != n and not (isinstance(s, int) and s == -1)) else s)
+             for s, o, n in zip(sizes, old, new)]
+    ctx.set_varargs(1, fixed)
+
+
+_reshape_rule = Rule(analyse=_reshape, rewrite=_rewrite_sizes)
+_register(METHOD_RULES, ("view", "reshape"), _reshape_rule)
+FUNCTION_RULES[torch.reshape] = _reshape_rule
+_plain_reshape = Rule(analyse=_reshape)
+_register(FUNCTION_RULES, (torch.flatten, torch.squeeze, torch.unsqueeze), _plain_reshape)
+_register(METHOD_RULES, ("flatten", "squeeze", "unsqueeze"), _plain_reshape)
+MODULE_RULES[nn.Flatten] = _plain_reshape
+
+
+def _unflatten_rewrite(ctx):
+    dim = _nd(ctx.arg(1, "dim"), len(ctx.old_in_shape))
+    sizes = list(ctx.arg(2, "sizes"))
+    new = ctx.new_out_shape[dim:dim + len(sizes)]
+    old = ctx.old_out_shape[dim:dim + len(sizes)]
+    ctx.set_arg(2, "sizes", tuple(n if (o != n and s != -1) else s for s, o, n in zip(sizes, old, new)))
+
+
+_register(METHOD_RULES, ("unflatten",), Rule(analyse=_reshape, rewrite=_unflatten_rewrite))
+FUNCTION_RULES[torch.unflatten] = Rule(analyse=_reshape, rewrite=_unflatten_rewrite)
+
+
+def _expand(ctx):
+    x = ctx.arg(0, "input")
+    lay = ctx.layout_of(x)
+    pad = len(ctx.out_shape) - lay.ids.ndim
+    in_shape = ctx.shape_of(x)
+    if lay.dim is not None and in_shape[lay.dim] == 1 and ctx.out_shape[lay.dim + pad] > 1:
+        ctx.pin(lay, "expand across the channel dim")
+    return Layout(lay.ids.reshape((1,) * pad + lay.ids.shape), None if lay.dim is None else lay.dim + pad)
+
+
+METHOD_RULES["expand"] = Rule(analyse=_expand, rewrite=_rewrite_sizes)
+
+
+def _cat(ctx):
+    tensors = ctx.arg(0, "tensors")
+    ndim = len(ctx.out_shape)
+    dim = _nd(ctx.arg(1, "dim", 0), ndim)
+    parts = [ctx.space.materialize(ctx.layout_of(t), ctx.shape_of(t), dims=[dim]) for t in tensors]
+    target = [max(p.shape[d] for p in parts) for d in range(ndim)]
+    parts = [np.broadcast_to(p, target[:dim] + [p.shape[dim]] + target[dim + 1:]) for p in parts]
+    prefer = next((ctx.layout_of(t).dim for t in tensors if ctx.layout_of(t).dim is not None), None)
+    return ctx.normalize(np.concatenate(parts, axis=dim), prefer)
+
+
+_register(FUNCTION_RULES, (torch.cat, torch.concat, torch.concatenate), Rule(analyse=_cat))
+
+
+def _split(ctx):
+    x = ctx.arg(0, "input")
+    ndim = len(ctx.shape_of(x))
+    dim = _nd(ctx.arg(2, "dim", 0), ndim)
+    sizes = [s[dim] for s in ctx.out_shapes]
+    ids = ctx.space.materialize(ctx.layout_of(x), ctx.shape_of(x), dims=[dim])
+    pieces = np.split(ids, np.cumsum(sizes)[:-1], axis=dim)
+    return tuple(ctx.normalize(p, ctx.layout_of(x).dim) for p in pieces)
+
+
+def _split_rewrite(ctx):
+    """split/chunk along the channel dim: explicit new sizes (chunk's equal split may no longer hold)."""
+    dim = _nd(ctx.arg(2, "dim", 0), len(ctx.old_in_shape))
+    new_sizes = [s[dim] for s in ctx.new_out_shapes]
+    old_sizes = [s[dim] for s in ctx.old_out_shapes]
+    if new_sizes != old_sizes:
+        ctx.replace_call(torch.split, (ctx.arg(0, "input"), new_sizes, dim))
+
+
+_split_rule = Rule(analyse=_split, rewrite=_split_rewrite)
+_register(FUNCTION_RULES, (torch.split, torch.chunk), _split_rule)
+_register(METHOD_RULES, ("split", "chunk"), _split_rule)
+
+
+def _index_dims(index, ndim):
+    """For a basic index tuple: list of (input dim or None, output dim or None, entry)."""
+    index = list(index)
+    if any(e is Ellipsis for e in index):
+        i = index.index(Ellipsis)
+        used = sum(1 for e in index if e is not None and e is not Ellipsis)
+        index[i:i + 1] = [slice(None)] * (ndim - used)
+    index += [slice(None)] * (ndim - sum(1 for e in index if e is not None))
+    out, din, dout = [], 0, 0
+    for e in index:
+        if e is None:
+            out.append((None, dout, e)); dout += 1
+        elif isinstance(e, int):
+            out.append((din, None, e)); din += 1
+        elif isinstance(e, slice):
+            out.append((din, dout, e)); din += 1; dout += 1
+        else:
+            raise Unsupported("indexing with tensors or lists")
+    return out, index
+
+
+def _getitem(ctx):
+    src, index = ctx.arg(0), ctx.arg(1)
+    lay = ctx.layout_of(src)
+    if isinstance(lay, tuple):  # an output of split/chunk
+        return lay[index]
+    if not ctx.is_tensor(src):
+        return None
+    shape = ctx.shape_of(src)
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(e, slice) and not all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step))
+           for e in index):
+        raise Unsupported("slice bounds computed at run time")
+    mapping, full_index = _index_dims(index, len(shape))
+    touched = [din for din, _, e in mapping if din is not None and e != slice(None)]
+    ids = ctx.space.materialize(lay, shape, dims=touched)
+    new_dim = None
+    for din, dout, e in mapping:
+        if din is not None and din == lay.dim:
+            if isinstance(e, int):
+                ctx.pin(Layout(ids.take([e], axis=din), None), "a single channel is selected by index")
+            elif e.step not in (None, 1):
+                ctx.pin(lay, "strided slice of the channel dim")
+            else:
+                new_dim = dout
+    return ctx.normalize(ids[tuple(full_index)], new_dim)
+
+
+def _getitem_rewrite(ctx):
+    """A slice or index along the channel dim selects from the kept positions only."""
+    src, index = ctx.arg(0), ctx.arg(1)
+    keep = ctx.keep_of(src)
+    if keep is None or not ctx.is_tensor(src):
+        return
+    dim = ctx.axis_dim_of(src)
+    single = not isinstance(index, tuple)
+    mapping, full_index = _index_dims(index if not single else (index,), len(ctx.old_in_shape))
+    for pos, (din, _, e) in enumerate(mapping):
+        if din != dim:
+            continue
+        rank = {int(p): r for r, p in enumerate(keep)}
+        if isinstance(e, int):
+            full_index[pos] = rank[e % ctx.old_in_shape[dim]]
+        else:
+            chosen = [p for p in range(*e.indices(ctx.old_in_shape[dim])) if p in rank]
+            full_index[pos] = slice(rank[chosen[0]], rank[chosen[-1]] + 1) if chosen else slice(0, 0)
+        ctx.set_arg(1, "index", tuple(full_index))
+
+
+FUNCTION_RULES[operator.getitem] = Rule(analyse=_getitem, rewrite=_getitem_rewrite)
+
+
+# --------------------------------------------------------------------------- metadata only
+_register(FUNCTION_RULES, (getattr, torch._assert, operator.eq, operator.ne, operator.lt, operator.le,
+                           operator.gt, operator.ge, operator.floordiv, operator.mod, len, torch.numel,
+                           torch._C._get_tracing_state), Rule(analyse=_metadata))
+_register(METHOD_RULES, ("size", "dim", "numel", "ndimension", "nelement", "get_device"), Rule(analyse=_metadata))
+METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}

@@ -1,0 +1,119 @@
+"""Trace a model with torch.fx and propagate shapes, with errors a user can act on."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torchvision
+from torch.fx.passes.shape_prop import ShapeProp
+
+
+class TraceError(RuntimeError):
+    """The model cannot be turned into a graph by torch.fx."""
+
+
+class ExampleInputError(ValueError):
+    """The example input does not fit the model."""
+
+
+# Modules whose forward reads `self.training` at run time: tracing through them would bake the
+# mode in (stochastic depth would stay on, or off, for good).
+LEAF_MODULES: tuple[type, ...] = (torchvision.ops.StochasticDepth,)
+
+
+class SurgeryTracer(fx.Tracer):
+    def __init__(self, leaf_modules=()):
+        super().__init__()
+        self.extra_leaves = tuple(leaf_modules)
+        self.scope_path: list[str] = []
+
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, LEAF_MODULES + self.extra_leaves):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.scope_path.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.scope_path.pop()
+
+
+def default_example(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """A 1x3x224x224 batch, or what the model's first conv/linear layer asks for."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv1d):
+            return (torch.randn(1, m.in_channels, 224),)
+        if isinstance(m, torch.nn.Conv2d):
+            return (torch.randn(1, m.in_channels, 224, 224),)
+        if isinstance(m, torch.nn.Conv3d):
+            return (torch.randn(1, m.in_channels, 16, 64, 64),)
+        if isinstance(m, torch.nn.Linear):
+            return (torch.randn(1, m.in_features),)
+    return (torch.randn(1, 3, 224, 224),)
+
+
+def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+    """A copy of `model` as a GraphModule whose nodes carry `meta['tensor_meta']`.
+
+    The model is traced in eval mode: code that branches on `self.training` (auxiliary heads of
+    GoogLeNet/Inception) keeps its inference path. The copy is returned in the model's mode.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
+    was_training = model.training
+    model = copy.deepcopy(model).eval()
+    tracer = SurgeryTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:  # fx raises many types; all mean the same thing to a user
+        where = tracer.scope_path[-1] if tracer.scope_path else type(model).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__} (inside '{where}'): {first}. "
+            f"Either mark the submodule that contains it as a leaf, e.g. "
+            f"wrap(model, leaf_modules=[{type(_get(model, where)).__name__}]) (its channels then stay "
+            f"unpruned), or fix the input-dependent argument with concrete_args={{...}}.") from None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    propagate_shapes(gm, example_inputs)
+    return gm.train(was_training)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    example_inputs = _as_tuple(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # placeholders with no default value
+    if not (len(required) <= len(example_inputs) <= len(placeholders)):
+        raise ExampleInputError(
+            f"the model's forward takes {len(required)} input(s) ({', '.join(n.name for n in required)}) "
+            f"but {len(example_inputs)} example input(s) were given; pass example_inputs=(x,) with one "
+            f"tensor per input")
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
+                           for t in example_inputs)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExampleInputError(
+            f"the example input ({shapes}) does not fit the model: {first}. Pass example_inputs with "
+            f"the shape and dtype the model expects, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
+        ) from None
+    finally:
+        gm.train(was_training)
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _get(model, path):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return model

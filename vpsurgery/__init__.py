@@ -1,0 +1,9 @@
+"""vpsurgery: a torch.fx model-surgery compiler for variational structured pruning."""
+from vpsurgery.gates import ChannelGate, ChannelMask, Gate, SectionGate
+from vpsurgery.passes.trace import ExampleInputError, TraceError
+from vpsurgery.passes.shrink import ShrinkError
+from vpsurgery.surgery import gates, plan, report, shrink, wrap
+
+__all__ = ["wrap", "gates", "shrink", "plan", "report", "Gate", "ChannelGate", "SectionGate", "ChannelMask",
+           "TraceError", "ExampleInputError", "ShrinkError"]
+__version__ = "0.1.0"

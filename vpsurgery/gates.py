@@ -1,0 +1,91 @@
+"""Gate modules: learnable Bernoulli probabilities theta, and the masks that apply them.
+
+A gate is called once per forward pass and returns z: in train mode a Bernoulli(theta) sample
+(with a surrogate gradient for theta, chosen by `estimator`), in eval mode theta itself. So with
+every theta at exactly 0 or 1 the gated model in eval mode is a deterministic network, the one
+`shrink` builds. Set gates by hand with `gate.set(values)` (probabilities or a hard 0/1 mask).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def straight_through(theta: torch.Tensor) -> torch.Tensor:
+    """z ~ Bernoulli(theta) forward; d z / d theta = 1 backward (biased, one pass, low variance)."""
+    z = torch.bernoulli(theta.detach())
+    return z + theta - theta.detach()
+
+
+ESTIMATORS = {"straight_through": straight_through}
+
+
+class Gate(nn.Module):
+    kind = "channel"
+
+    def __init__(self, size: int, init: float = 1.0, estimator: str = "straight_through"):
+        super().__init__()
+        if not 0.0 <= init <= 1.0:
+            raise ValueError(f"gate init must be a probability in [0, 1], got {init}")
+        self.theta = nn.Parameter(torch.full((size,), float(init)))
+        self.estimator = estimator
+        self.fixed_sample: torch.Tensor | None = None  # set by two-pass estimators (ARM/DisARM)
+
+    def forward(self) -> torch.Tensor:
+        if self.fixed_sample is not None:
+            return self.fixed_sample
+        if self.training:
+            return ESTIMATORS[self.estimator](self.theta)
+        return self.theta
+
+    @torch.no_grad()
+    def set(self, values) -> "Gate":
+        """Set theta to probabilities (a float, or one per entry); 0/1 values make a hard mask."""
+        values = torch.as_tensor(values, dtype=self.theta.dtype).expand_as(self.theta)
+        if (values < 0).any() or (values > 1).any():
+            raise ValueError("gate values must lie in [0, 1]")
+        self.theta.copy_(values)
+        return self
+
+    def extra_repr(self):
+        return f"{self.kind}, size={self.theta.numel()}"
+
+
+class ChannelGate(Gate):
+    """One theta per unit of a channel group."""
+
+    kind = "channel"
+
+
+class SectionGate(Gate):
+    """One theta for a whole residual section."""
+
+    kind = "section"
+
+    def __init__(self, init: float = 1.0, estimator: str = "straight_through"):
+        super().__init__(1, init, estimator)
+
+    def forward(self) -> torch.Tensor:
+        return super().forward().reshape(())
+
+
+class ChannelMask(nn.Module):
+    """Multiplies the channels a mixing consumer reads by their gates' z.
+
+    `index[i]` picks, for channel position i, an entry of cat([1], z_a, z_b, ...): 0 for channels
+    with no gate, else the unit's slot in the gates passed to forward.
+    """
+
+    def __init__(self, index: torch.Tensor, dim: int):
+        super().__init__()
+        self.register_buffer("index", index.long())
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([zs[0].new_ones(1), *zs])
+        shape = [1] * x.ndim
+        shape[self.dim] = -1
+        return x * table[self.index].to(x.dtype).view(shape)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, channels={self.index.numel()}"

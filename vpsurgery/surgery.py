@@ -1,0 +1,75 @@
+"""The public surgery API: wrap (trace, analyse, gate), gates, shrink, report."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from vpsurgery.gates import Gate
+from vpsurgery.passes.groups import analyse_channels
+from vpsurgery.passes.insert_gates import GATES, insert_gates
+from vpsurgery.passes.plan import Plan
+from vpsurgery.passes.sections import find_sections
+from vpsurgery.passes.shrink import PLAN_KEY, plan_of
+from vpsurgery.passes.shrink import shrink as _shrink
+from vpsurgery.passes.trace import _as_tuple, default_example, trace
+
+
+def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
+         theta_init: float = 1.0, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+    """Trace `model` (a copy; the model is not modified), find its prunable channel groups and
+    residual sections, and return a GraphModule with one Bernoulli gate per group/section.
+
+    With every theta at 1 (the default) the gated model computes exactly what the model does.
+    """
+    example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    example = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
+    plan = analyse_channels(gm, example)
+    if not channels:
+        plan.groups, plan.sites = {}, {}
+    if sections:
+        plan.sections, skipped = find_sections(gm)
+        plan.unprunable += skipped
+    insert_gates(gm, plan, theta_init)
+    gm.meta[PLAN_KEY] = plan
+    return gm
+
+
+def gates(gated: fx.GraphModule) -> dict[str, Gate]:
+    """Every gate of a wrapped model by name; `gate.theta` is its nn.Parameter, `gate.kind` is
+    'channel' or 'section'. Set one by hand with `gate.set(0.0)` or `gate.set(mask)`."""
+    plan_of(gated)
+    container = getattr(gated, GATES, None)
+    return dict(container.items()) if container is not None else {}
+
+
+def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False) -> fx.GraphModule:
+    """A new, smaller GraphModule without the structures whose theta < threshold; the surviving
+    theta are folded into the weights (or, with keep_gates=True, kept as gates for more training).
+    The gated model is not modified."""
+    return _shrink(gated, threshold, keep_gates=keep_gates)
+
+
+def plan(gated: fx.GraphModule) -> Plan:
+    """The surgery plan: groups, sections, mask sites, and what is unprunable and why."""
+    return plan_of(gated)
+
+
+def report(gated: fx.GraphModule) -> str:
+    """A readable summary of what wrap found."""
+    p = plan_of(gated)
+    lines = [f"{len(p.groups)} channel groups ({sum(len(g.units) for g in p.groups.values())} gated units), "
+             f"{len(p.sections)} residual sections, {len(p.sites)} mask sites; "
+             f"{100 * p.prunable_share:.1f}% of conv/linear output channels prunable"]
+    for g in p.groups.values():
+        lines.append(f"  group {g.name}: {len(g.units)} units, producers {', '.join(g.producers)}")
+    for s in p.sections.values():
+        lines.append(f"  section {s.name}: {len(s.modules)} modules, {s.params} params, depth {s.depth}")
+    if p.unprunable:
+        lines.append("unprunable:")
+        for u in p.unprunable:
+            where = ", ".join(u.where[:4]) + (" ..." if len(u.where) > 4 else "")
+            pinned = f"; pins channels of {', '.join(u.producers[:4])}" + (" ..." if len(u.producers) > 4 else "") \
+                if u.producers else ""
+            lines.append(f"  {u.reason} (at {where}){pinned}")
+    return "\n".join(lines)
