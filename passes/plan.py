@@ -14,12 +14,17 @@ class Axis:
 
     dim: int
     units: np.ndarray  # int64, one unit id per position
+    positions: np.ndarray | None = None  # where each position was in the original model
 
     def keep(self, removed: set[int]) -> np.ndarray:
         return np.nonzero(~np.isin(self.units, list(removed)))[0] if removed else np.arange(len(self.units))
 
+    def original_positions(self) -> np.ndarray:
+        return np.arange(len(self.units)) if self.positions is None else self.positions
+
     def restrict(self, removed: set[int]) -> "Axis":
-        return Axis(self.dim, self.units[self.keep(removed)])
+        keep = self.keep(removed)
+        return Axis(self.dim, self.units[keep], self.original_positions()[keep])
 
 
 @dataclass
@@ -75,7 +80,10 @@ class Plan:
     unprunable: list[Unprunable]
     example: list[tuple[tuple[int, ...], str]]  # shapes and dtypes of the example inputs
     prunable_share: float = 0.0  # share of conv/linear output channels that are prunable
+    depth: int = 0  # conv/linear layers on the longest input-to-output path
+    original_depth: int = 0
     removed_units: set[int] = field(default_factory=set)
+    removed_sections: set[str] = field(default_factory=set)
 
     def unit_group(self) -> dict[int, tuple[str, int]]:
         return {u: (g.name, i) for g in self.groups.values() for i, u in enumerate(g.units)}
@@ -104,4 +112,5 @@ class Plan:
                          if m not in gone_modules},
             param_axes={k: axis(a) for k, a in self.param_axes.items()},
             sites={k: replace(s, axis=axis(s.axis)) for k, s in self.sites.items() if s.node not in gone_nodes},
-            removed_units=self.removed_units | removed_units)
+            removed_units=self.removed_units | removed_units,
+            removed_sections=self.removed_sections | removed_sections)

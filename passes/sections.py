@@ -9,6 +9,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .groups import tensor_meta
 from .plan import Section, Unprunable
@@ -107,3 +108,61 @@ def _layer_depth(graph: nx.DiGraph, modules) -> int:
 
 def network_depth(gm: fx.GraphModule) -> int:
     return _layer_depth(graph_of(gm), dict(gm.named_modules()))
+
+
+# ------------------------------------------------------------------------------ plain networks
+def _is_unary_tail(node: fx.Node, modules) -> bool:
+    """BN, activations, dropout: ops that follow a layer channel by channel."""
+    from .rules import _same, _per_channel_analyse, lookup  # the rule table decides what is elementwise
+
+    rule = lookup(node, modules)
+    if rule is None:
+        return False
+    if rule.analyse is _same:
+        return True
+    return node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm)
+
+
+_NONLINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+              nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.PReLU)
+_NONLINEAR_CALLS = {F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.leaky_relu, F.hardswish,
+                    F.hardsigmoid, F.hardtanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid,
+                    F.tanh, "relu", "sigmoid", "tanh", "relu_"}
+
+
+def _is_nonlinear(node: fx.Node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _NONLINEAR)
+    return node.target in _NONLINEAR_CALLS
+
+
+def add_residuals(gm: fx.GraphModule) -> list[str]:
+    """Put an identity shortcut around every shape-preserving layer of a plain network.
+
+    A candidate is a conv/linear layer plus its channel-wise tail (BN, activation, dropout), whose
+    output has exactly the shape of its input and which contains a nonlinearity: `y = f(x)` becomes
+    `y = x + f(x)`. This changes the function computed (the network must be (re)trained); it is what
+    lets the layer be removed later while information still flows. Returns the new add nodes.
+    """
+    modules = dict(gm.named_modules())
+    added = []
+    for layer in list(gm.graph.nodes):
+        if not is_layer(layer, modules) or not layer.args or not isinstance(layer.args[0], fx.Node):
+            continue
+        x = layer.args[0]
+        end, nonlinear = layer, False
+        while len(end.users) == 1 and _is_unary_tail(next(iter(end.users)), modules):
+            end = next(iter(end.users))
+            nonlinear |= _is_nonlinear(end, modules)
+        if not nonlinear or tensor_meta(x) is None or tuple(tensor_meta(x).shape) != tuple(tensor_meta(end).shape):
+            continue
+        users = list(end.users)
+        with gm.graph.inserting_after(end):
+            add = gm.graph.call_function(operator.add, (x, end))
+        for u in users:
+            u.replace_input_with(end, add)
+        add.meta["tensor_meta"] = end.meta["tensor_meta"]
+        added.append(add.name)
+    gm.graph.lint()
+    gm.recompile()
+    return added

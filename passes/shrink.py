@@ -22,6 +22,7 @@ from .rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, lookup
 from .trace import propagate_shapes
 
 PLAN_KEY = "vpsurgery.plan"
+SLICES_KEY = "vpsurgery.slices"  # qualified parameter name -> {dim: kept indices}, for optimizer state
 
 
 class ShrinkError(RuntimeError):
@@ -38,7 +39,7 @@ def plan_of(gm: fx.GraphModule) -> Plan:
 
 def decide(gm: fx.GraphModule, plan: Plan, threshold: float) -> tuple[set[int], set[str]]:
     gates = getattr(gm, GATES)
-    removed_sections = {n for n in plan.sections if n in gates and float(gates[n].theta) < threshold}
+    removed_sections = {n for n in plan.sections if n in gates and float(gates[n].theta.detach()) < threshold}
     removed_units = set()
     for g in plan.groups.values():
         theta = gates[g.name].theta.detach().cpu().numpy()
@@ -50,8 +51,10 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
            removed_units: set[int] | None = None, removed_sections: set[str] | None = None) -> fx.GraphModule:
     plan = plan_of(gated)
     gm = copy.deepcopy(gated)
+    gm.meta[SLICES_KEY] = {}
     if removed_units is None or removed_sections is None:
         removed_units, removed_sections = decide(gm, plan, threshold)
+    removed_sections = set(removed_sections) & set(plan.sections)  # earlier shrinks removed the rest
     theta = _unit_theta(gm, plan)
 
     _remove_sections(gm, plan, removed_sections)
@@ -82,6 +85,9 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
         new_plan.sites = {k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})}
         new_plan.groups = {k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})}
     _check_shapes(gm, plan, removed_units)
+    from .sections import network_depth
+
+    new_plan.depth = network_depth(gm)
     gm.meta[PLAN_KEY] = new_plan
     return gm
 
@@ -137,6 +143,9 @@ def _slice_modules(gm, plan, removed):
         module = gm.get_submodule(node.target)
         rule = MODULE_RULES[type(module)]
         _set_submodule(gm, node.target, slice_module(module, rule, keep))
+        for pname, dims in (rule.params(module) if rule.params else {}).items():
+            if isinstance(getattr(module, pname, None), nn.Parameter):
+                gm.meta[SLICES_KEY][f"{node.target}.{pname}"] = {d: keep[a] for d, a in dims.items()}
 
 
 def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor]) -> nn.Module:
@@ -173,6 +182,8 @@ def _slice_params(gm, plan, removed):
         if t is None:
             continue
         data = t.detach().index_select(ax.dim, torch.as_tensor(keep, device=t.device)).clone()
+        if isinstance(t, nn.Parameter):
+            gm.meta[SLICES_KEY][target] = {ax.dim: torch.as_tensor(keep)}
         setattr(owner, leaf, nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data)
 
 
@@ -306,7 +317,7 @@ def _fold_gates(gm, plan, new_plan, removed, theta):
         if node.op == "call_module" and node.target.startswith(GATES + "."):
             name = node.target.split(".", 1)[1]
             for user in list(node.users):  # section gates: x * z
-                t = float(gates[name].theta)
+                t = float(gates[name].theta.detach())
                 if t == 1.0:
                     user.replace_all_uses_with(user.args[0])
                     gm.graph.erase_node(user)
@@ -330,6 +341,7 @@ def _slice_gates(gm, plan, new_plan, removed):
         old = gates[g.name]
         if keep:
             old.theta = nn.Parameter(old.theta.detach()[keep].clone())
+            gm.meta[SLICES_KEY][f"{GATES}.{g.name}.theta"] = {0: torch.as_tensor(keep)}
     for name, site in plan.sites.items():
         mask = next((n for n in nodes.values() if n.op == "call_module" and n.target == f"{MASKS}.{name}"), None)
         if mask is None:

@@ -2,8 +2,8 @@
 from vpsurgery.gates import ChannelGate, ChannelMask, Gate, SectionGate
 from vpsurgery.passes.trace import ExampleInputError, TraceError
 from vpsurgery.passes.shrink import ShrinkError
-from vpsurgery.surgery import gates, plan, report, shrink, wrap
+from vpsurgery.surgery import gates, kept_map, plan, replay, report, shrink, wrap
 
-__all__ = ["wrap", "gates", "shrink", "plan", "report", "Gate", "ChannelGate", "SectionGate", "ChannelMask",
+__all__ = ["wrap", "gates", "shrink", "plan", "report", "kept_map", "replay", "Gate", "ChannelGate", "SectionGate", "ChannelMask",
            "TraceError", "ExampleInputError", "ShrinkError"]
 __version__ = "0.1.0"

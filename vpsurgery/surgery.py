@@ -8,23 +8,36 @@ from vpsurgery.gates import Gate
 from vpsurgery.passes.groups import analyse_channels
 from vpsurgery.passes.insert_gates import GATES, insert_gates
 from vpsurgery.passes.plan import Plan
-from vpsurgery.passes.sections import find_sections
+import warnings
+
+from vpsurgery.passes.sections import add_residuals as _add_residuals
+from vpsurgery.passes.sections import find_sections, network_depth
 from vpsurgery.passes.shrink import PLAN_KEY, plan_of
 from vpsurgery.passes.shrink import shrink as _shrink
 from vpsurgery.passes.trace import _as_tuple, default_example, trace
 
 
 def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
-         theta_init: float = 1.0, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+         add_residuals: bool = False, theta_init: float = 1.0, leaf_modules=(),
+         concrete_args=None) -> fx.GraphModule:
     """Trace `model` (a copy; the model is not modified), find its prunable channel groups and
     residual sections, and return a GraphModule with one Bernoulli gate per group/section.
 
-    With every theta at 1 (the default) the gated model computes exactly what the model does.
+    With every theta at 1 (the default) the gated model computes exactly what the model does,
+    unless `add_residuals=True`, which puts an identity shortcut around every shape-preserving
+    layer of a plain network (x -> x + f(x)) so that layers can be pruned: a different network,
+    to be trained.
     """
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     example = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
+    original_depth = network_depth(gm)
+    if add_residuals and not _add_residuals(gm):
+        warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
+                      f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "
+                      f"the model is unchanged", stacklevel=2)
     plan = analyse_channels(gm, example)
+    plan.depth = plan.original_depth = original_depth
     if not channels:
         plan.groups, plan.sites = {}, {}
     if sections:
@@ -50,6 +63,34 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     return _shrink(gated, threshold, keep_gates=keep_gates)
 
 
+def kept_map(small: fx.GraphModule) -> dict:
+    """What a shrink kept, as JSON-able data: per module and channel axis the kept positions of
+    the original model, plus the removed sections and units (to replay the pruning elsewhere)."""
+    p = plan_of(small)
+    modules = {m: {name: ax.original_positions().tolist() for name, ax in axes.items()}
+               for m, axes in p.module_axes.items()}
+    return {"format": 1, "example": [[list(s), d] for s, d in p.example],
+            "removed_units": sorted(int(u) for u in p.removed_units),
+            "removed_sections": sorted(p.removed_sections), "modules": modules}
+
+
+def replay(model: torch.nn.Module, kept: dict, example_inputs=None, **wrap_kwargs) -> fx.GraphModule:
+    """Apply a kept map to (a copy of) the original model, e.g. onto its dense checkpoint."""
+    if kept.get("format") != 1:
+        raise ValueError("not a vpsurgery kept map (expected the kept_map.json written by compress)")
+    if example_inputs is None:
+        example_inputs = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in kept["example"])
+    gated = wrap(model, example_inputs, **wrap_kwargs)
+    small = _shrink(gated, keep_gates=False, removed_units=set(kept["removed_units"]),
+                    removed_sections=set(kept["removed_sections"]))
+    got = kept_map(small)["modules"]
+    clashes = [m for m, axes in kept["modules"].items() if got.get(m) != axes]
+    if clashes:
+        raise ValueError(f"the kept map does not fit this model: {len(clashes)} module(s) differ, e.g. "
+                         f"{clashes[:3]}; replay it onto the architecture it was made from")
+    return small
+
+
 def plan(gated: fx.GraphModule) -> Plan:
     """The surgery plan: groups, sections, mask sites, and what is unprunable and why."""
     return plan_of(gated)
@@ -58,7 +99,8 @@ def plan(gated: fx.GraphModule) -> Plan:
 def report(gated: fx.GraphModule) -> str:
     """A readable summary of what wrap found."""
     p = plan_of(gated)
-    lines = [f"{len(p.groups)} channel groups ({sum(len(g.units) for g in p.groups.values())} gated units), "
+    lines = [f"depth {p.depth} conv/linear layers (was {p.original_depth}); "
+             f"{len(p.groups)} channel groups ({sum(len(g.units) for g in p.groups.values())} gated units), "
              f"{len(p.sections)} residual sections, {len(p.sites)} mask sites; "
              f"{100 * p.prunable_share:.1f}% of conv/linear output channels prunable"]
     for g in p.groups.values():

@@ -1,0 +1,158 @@
+"""The variational regulariser of docs/method.md, as a differentiable function of weights and theta.
+
+Every weight entry w_e is *active* when all the gates that govern it are on: the unit of each of
+its channel axes (producer row, consumer column, norm entry) and the residual section its module
+belongs to. Under the Bernoulli posterior, P(active) = a_e = product of those thetas. The
+regulariser is
+
+    prior='slab'            R = sum_e a_e * (w_e^2 / (2 sigma1^2) + price_e)
+    prior='spike_and_slab'  R = sum_e a_e * (w_e^2 / (2 sigma1^2) + price_e) + (1 - a_e) * w_e^2 / (2 sigma0^2)
+
+with price_e = price (per='params') or price * MACs per example of the entry (per='flops').
+Both are multilinear in theta. `objective` returns R / n_train, the per-example term that is added
+to the mean minibatch loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from vpsurgery.passes.insert_gates import GATES
+from vpsurgery.passes.rules import MODULE_RULES
+from vpsurgery.passes.shrink import plan_of
+
+PRIORS = ("slab", "spike_and_slab")
+PER = ("params", "flops")
+_CACHE_KEY = "vpsurgery.objective_index"
+
+
+@dataclass
+class _Entry:
+    """One parameter tensor: which flat-theta slots govern it, and its MACs per entry."""
+
+    qualname: str
+    axes: list[tuple[int, torch.Tensor]]  # (param dim, index into flat theta per position)
+    section: int  # index into flat theta of its section's gate (0: always on)
+    macs_per_entry: float
+
+
+def flat_theta(gm: fx.GraphModule) -> torch.Tensor:
+    """cat([1], theta of every gate in plan order): slot 0 stands for 'no gate'."""
+    gates = getattr(gm, GATES, {})
+    thetas = [gates[name].theta for name in _gate_order(gm)]
+    one = next(gm.parameters()).new_ones(1)
+    return torch.cat([one, *[t.to(one.dtype) for t in thetas]])
+
+
+def _gate_order(gm: fx.GraphModule) -> list[str]:
+    plan, gates = plan_of(gm), getattr(gm, GATES, {})
+    return [n for n in [*plan.groups, *plan.sections] if n in gates]
+
+
+def _slots(gm: fx.GraphModule) -> tuple[dict[int, int], dict[str, int]]:
+    """Flat-theta slot of every gated unit id, and of every section gate."""
+    plan, unit_slot, section_slot, offset = plan_of(gm), {}, {}, 1
+    for name in _gate_order(gm):
+        if name in plan.groups:
+            for i, u in enumerate(plan.groups[name].units):
+                unit_slot[int(u)] = offset + i
+            offset += len(plan.groups[name].units)
+        else:
+            section_slot[name] = offset
+            offset += 1
+    return unit_slot, section_slot
+
+
+def _macs_per_call(gm: fx.GraphModule) -> dict[str, float]:
+    """MACs per example per weight entry of each conv/linear module, summed over its calls."""
+    out: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or "tensor_meta" not in node.meta:
+            continue
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        shape = node.meta["tensor_meta"].shape
+        batch = shape[0] if len(shape) > 1 else 1
+        out[node.target] = out.get(node.target, 0.0) + shape.numel() / max(batch, 1) / m.weight.shape[0]
+    return out
+
+
+def _build_index(gm: fx.GraphModule) -> list[_Entry]:
+    plan = plan_of(gm)
+    unit_slot, section_slot = _slots(gm)
+    in_section = {m: section_slot[s.name] for s in plan.sections.values() if s.name in section_slot
+                  for m in s.modules}
+    macs = _macs_per_call(gm)
+    entries = []
+    for mname, module in gm.named_modules():
+        if mname == GATES or mname.startswith(GATES + "."):
+            continue
+        rule = MODULE_RULES.get(type(module))
+        dims = rule.params(module) if rule is not None and rule.params and mname in plan.module_axes else {}
+        for pname, p in module.named_parameters(recurse=False):
+            axes = []
+            for d, axis_name in dims.get(pname, {}).items():
+                units = plan.module_axes[mname][axis_name].units
+                axes.append((d, torch.tensor([unit_slot.get(int(u), 0) for u in units], dtype=torch.long)))
+            entries.append(_Entry(f"{mname}.{pname}" if mname else pname, axes, in_section.get(mname, 0),
+                                  macs.get(mname, 0.0) if pname == "weight" else 0.0))
+    return entries
+
+
+def _index(gm: fx.GraphModule, device: torch.device) -> list[_Entry]:
+    """Built once per plan (shrinking makes a new plan) and per device."""
+    plan = plan_of(gm)
+    cached = gm.meta.get(_CACHE_KEY)
+    if cached is None or cached[0] is not plan or cached[1] != device:
+        entries = _build_index(gm)
+        for e in entries:
+            e.axes = [(d, idx.to(device)) for d, idx in e.axes]
+        cached = (plan, device, entries)
+        gm.meta[_CACHE_KEY] = cached
+    return cached[2]
+
+
+def active_probability(theta: torch.Tensor, entry: _Entry, ndim: int) -> torch.Tensor:
+    """a_e for every entry of one parameter, broadcastable to its shape."""
+    act = theta[entry.section].reshape([1] * ndim)
+    for d, idx in entry.axes:
+        shape = [1] * ndim
+        shape[d] = -1
+        act = act * theta[idx].view(shape)
+    return act
+
+
+def objective(gm: fx.GraphModule, n_train: int, *, price: float = 0.5, sigma1: float = 1.0,
+              per: str = "params", prior: str = "slab", sigma0: float = 0.01) -> torch.Tensor:
+    """The regulariser per training example, R / n_train (add it to the mean minibatch loss).
+
+    price: nats per kept parameter (per='params') or per kept MAC per example (per='flops');
+    sigma1: slab standard deviation (weight decay 1/(n_train sigma1^2) on active weights);
+    prior='spike_and_slab' adds the spike term (1 - a_e) w_e^2 / (2 sigma0^2) (first reading of
+    docs/method.md; it prunes prematurely and is kept for comparison only).
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    if per not in PER:
+        raise ValueError(f"per must be one of {PER}, got {per!r}")
+    if n_train <= 0:
+        raise ValueError(f"n_train must be the (positive) number of training examples, got {n_train}")
+    params = dict(gm.named_parameters())
+    device = next(iter(params.values())).device
+    theta = flat_theta(gm)
+    total = theta.new_zeros(())
+    for e in _index(gm, device):
+        w = params[e.qualname]
+        act = active_probability(theta, e, w.ndim)
+        price_e = price * (e.macs_per_entry if per == "flops" else 1.0)
+        sq = w.float().pow(2)
+        term = act * (sq / (2 * sigma1 ** 2) + price_e)
+        if prior == "spike_and_slab":
+            term = term + (1 - act) * sq / (2 * sigma0 ** 2)
+        total = total + term.sum()
+    return total / n_train
+
