@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import statistics
@@ -149,11 +150,12 @@ def run_one(name: str, seed: int = 0) -> dict:
         r["run_err"] = short(e, 240)
         r["run_tb"] = traceback.format_exc(limit=-3)
         return r
-    try:
-        sp = vpsurgery.plan(small)
-        r["sec_removed"] = r["sections"] - len(sp.sections)
-    except Exception:  # noqa: BLE001
-        r["sec_removed"] = None
+    # a removed section's add node is gone from the shrunk graph (shrink keeps node names)
+    names = {n.name for n in small.graph.nodes}
+    gone = {k for k, s in plan.sections.items() if s.add not in names}
+    asked = {k for k, gate in gates.items() if gate.kind == "section" and float(gate.theta.max()) < 0.5}
+    r["sec_removed"] = len(gone)
+    r["sec_mismatch"] = sorted(gone ^ asked)
     r["params1"] = common.n_params(small)
     try:
         r["flops1"] = common.count_flops(small, x)
@@ -175,6 +177,10 @@ def _fmt_err(e):
     if e == float("inf"):
         return "shape/len mismatch"
     return f"{e:.1e}"
+
+
+# pinned on every model (the input's channels and the logits): left out of the reasons column
+_EVERYWHERE = ("model input", "reaches the model output")
 
 
 def status(r: dict) -> str:
@@ -203,13 +209,14 @@ def row(r: dict) -> str:
              if "flops1" in r else (common.human(r["flops0"]) if "flops0" in r else "-"))
     params = (f"{common.human(r['params0'])}→{common.human(r['params1'])} ({_pct(r['params0'], r['params1'])})"
               if "params1" in r else common.human(r["params0"]))
-    reasons = "; ".join(f"{esc(reason[:70])} ×{n}" for reason, n in r.get("unprunable", [])[:3]) or "-"
+    reasons = "; ".join([f"{esc(reason[:70])} ×{n}" for reason, n in r.get("unprunable", [])
+                         if reason not in _EVERYWHERE][:3]) or "-"
     cells += [
         str(r["groups"]),
         f"{r['units']} ({r['units_off']} off)" if "units_off" in r else str(r["units"]),
         f"{100 * r['share']:.0f}%",
         str(r["sections"]),
-        "-" if sec_rm is None else f"{sec_rm}/{r.get('sec_off', '?')}",
+        "-" if sec_rm is None else f"{sec_rm}/{r.get('sec_off', '?')}" + (" (≠ asked)" if r.get("sec_mismatch") else ""),
         _fmt_err(r.get("identity_err")),
         err,
         params,
@@ -252,7 +259,8 @@ def render(results: list[dict], planned: int, meta: dict) -> str:
         f"~{SECTION_DROP:.0%} of the section gates (at least one); `shrink` then must reproduce the gated model. "
         "*shrink err* = max|shrink(gm)(x) − gm(x)| / max|gm(x)|; *gate-identity err* is the same for the "
         "freshly wrapped model (all θ = 1) against the original. FLOPs from `torch.utils.flop_counter.FlopCounterMode` "
-        "(one forward, batch 2, so 2×MACs×batch); depth = longest chain of conv/linear layers. Wrap/shrink times are "
+        "(one forward, batch 2, so 2×MACs×batch); depth = longest chain of conv/linear layers. The unprunable "
+        "reasons leave out the two every model has (the model input and the logits). Wrap/shrink times are "
         "wall clock on a shared 2-core machine (other jobs were running), so read them as rough.",
         "",
         "## Summary",
@@ -302,6 +310,21 @@ def line(r: dict) -> str:
     return " ".join(parts)
 
 
+# rough relative cost of wrap+shrink (grows with the number of graph nodes, not with params): used by
+# --cheap-first so that a sweep cut short has covered as many models as possible
+_HEAVY = ("efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_m", "efficientnet_v2_l",
+          "regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "vit_h_14", "vit_l_16", "vit_l_32", "swin_b",
+          "swin_v2_b", "convnext_large", "convnext_base", "densenet161", "densenet169", "densenet201",
+          "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2", "maxvit_t")
+_MEDIUM = ("efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_v2_s", "regnet_y_16gf",
+           "regnet_x_16gf", "regnet_y_8gf", "regnet_x_8gf", "swin_s", "swin_v2_s", "convnext_small",
+           "resnet101", "densenet121", "inception_v3", "vit_b_16", "vit_b_32")
+
+
+def cost_rank(name: str) -> int:
+    return 2 if name in _HEAVY else 1 if name in _MEDIUM else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", help="subset (torchvision names, or vps:<name> for vpsurgery.models)")
@@ -309,6 +332,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared machine)")
     ap.add_argument("--timeout", type=int, default=600, help="per-model time limit, seconds")
+    ap.add_argument("--jsonl", default="/tmp/vpsurgery_coverage.jsonl",
+                    help="raw per-model results, appended as they finish (for --resume)")
+    ap.add_argument("--cheap-first", action="store_true",
+                    help="run cheap models first (the report keeps the list order)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite --out from the results in --jsonl, running nothing")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the results in --jsonl for models already done; run only the rest")
     args = ap.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -319,8 +350,22 @@ def main(argv=None) -> int:
         if n not in valid and f"vps:{n}" in valid:
             names[names.index(n)] = f"vps:{n}"
     meta = {"date": common.today(), "machine": common.machine()}
-    results: list[dict] = []
-    bar = tqdm(names, unit="model", dynamic_ncols=True)
+    done: dict[str, dict] = {}
+    if (args.resume or args.render_only) and os.path.exists(args.jsonl):
+        with open(args.jsonl) as f:
+            for ln in f:
+                if ln.strip():
+                    r = json.loads(ln)
+                    done[r["model"]] = r
+    elif os.path.exists(args.jsonl):
+        os.unlink(args.jsonl)
+    results: list[dict] = [done[n] for n in names if n in done]
+    todo = [] if args.render_only else [n for n in names if n not in done]
+    if args.cheap_first:
+        todo.sort(key=cost_rank)
+    if done:
+        print(f"resuming: {len(results)} models from {args.jsonl}, {len(todo)} to run")
+    bar = tqdm(todo, unit="model", dynamic_ncols=True)
     for name in bar:
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
@@ -331,12 +376,19 @@ def main(argv=None) -> int:
             r = {"model": name, "error": short(e, 240), "tb": traceback.format_exc(limit=-3)}
         r["total_s"] = time.perf_counter() - t0
         results.append(r)
+        with open(args.jsonl, "a") as f:
+            f.write(json.dumps(r, default=str) + "\n")
         tqdm.write(line(r))
         for key in ("trace_tb", "shrink_tb", "run_tb", "tb"):
             if key in r:
                 tqdm.write("    " + r[key].strip().splitlines()[-1][:300])
+        order = {n: i for i, n in enumerate(names)}
+        results.sort(key=lambda r: order[r["model"]])
         common.write_atomic(args.out, render(results, len(names), meta))
         gc.collect()
+    order = {n: i for i, n in enumerate(names)}
+    results.sort(key=lambda r: order[r["model"]])
+    common.write_atomic(args.out, render(results, len(names), meta))
     traced = sum(1 for r in results if "wrap_s" in r)
     exact = sum(1 for r in results if status(r) == "exact")
     print(f"\n{traced}/{len(results)} traced, {exact}/{len(results)} exact within {EXACT_TOL:g}; wrote {args.out}")

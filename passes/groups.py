@@ -136,10 +136,12 @@ class ChannelWalker:
         carries_channels = any(x is not None for x in inputs)
         rule = lookup(node, self.modules)
         ctx = RuleContext(self, node)
+        if not carries_channels:
+            # Python arithmetic on sizes (`h // p * w`), torch.zeros(...), ...: nothing flows in, so
+            # no rule applies (a rule may assume tensor operands, e.g. `*` on two ints).
+            return self.fresh_output(meta, "created from sizes or constants")
         try:
             if rule is None:
-                if not carries_channels:  # python arithmetic on sizes, torch.zeros(...), ...
-                    return self.fresh_output(meta, "created from sizes or constants")
                 raise Unsupported(f"no channel rule for {describe(node, self.modules)}")
             return rule.analyse(ctx)
         except Unsupported as why:
@@ -242,6 +244,11 @@ def analyse_channels(gm: fx.GraphModule, example: list) -> Plan:
                 if e != d:
                     line = line.take([0], axis=e)
             param_axes[target] = Axis(d, line.reshape(-1))
+    # A get_attr node is its parameter: shrinking slices the parameter, so the node's tensor shrinks
+    # along the same axis (the shape check and every rewrite reading the node must know it).
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in param_axes:
+            node_axes[node.name] = param_axes[node.target]
 
     # Units that some conv/linear produces and nothing pins are the prunable ones.
     producers_of_unit: dict[int, set[str]] = defaultdict(set)

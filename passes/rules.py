@@ -365,9 +365,11 @@ def _reduction(ctx):
     dims = {_nd(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     if lay.dim in dims:
         ctx.pin(lay, "reduction over the channel dim")
-    if keepdim:
-        return lay
     ids = lay.ids
+    if keepdim:  # the reduced dims stay, with size 1: no channel identity along them any more
+        for d in dims:
+            ids = ids.take([0], axis=d)
+        return Layout(ids, None if lay.dim in dims else lay.dim)
     for d in sorted(dims, reverse=True):
         ids = ids.take(0, axis=d)
     dim = None if (lay.dim is None or lay.dim in dims) else lay.dim - sum(d < lay.dim for d in dims)

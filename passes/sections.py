@@ -49,9 +49,18 @@ def is_layer(node: fx.Node, modules) -> bool:
         modules[node.target], (nn.modules.conv._ConvNd, nn.Linear))
 
 
+def layer_count(node: fx.Node, modules) -> int:
+    """Sequential weight layers in one node (attention: the input and output projections)."""
+    if node.op == "call_module" and isinstance(modules[node.target], nn.MultiheadAttention):
+        return 2
+    return 1 if is_layer(node, modules) else 0
+
+
 def find_sections(gm: fx.GraphModule) -> tuple[dict[str, Section], list[Unprunable]]:
     modules = dict(gm.named_modules())
     graph = graph_of(gm)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    live = nx.ancestors(graph, output)  # a dead user (`_` of `x, _ = attn(...)`) is no outside use
     sections, skipped = {}, {}
     for add in gm.graph.nodes:
         if add.op not in ("call_function", "call_method") or add.target not in _ADDS:
@@ -72,7 +81,7 @@ def find_sections(gm: fx.GraphModule) -> tuple[dict[str, Section], list[Unprunab
         branch_arg = 0 if linear[1] else 1
         nodes = only[branch_arg]
         if any(n.op == "placeholder" for n in nodes) or any(
-                u not in nodes and u is not add for n in nodes for u in n.users):
+                u not in nodes and u is not add and u in live for n in nodes for u in n.users):
             skipped.setdefault("residual branch is also used outside the section", []).append(add.name)
             continue
         sections[f"sec_{add.name}"] = _section(gm, modules, graph, add, branch_arg, nodes)
@@ -85,7 +94,10 @@ def _section(gm, modules, graph, add, branch_arg, nodes) -> Section:
     layer_modules = {n.target for n in nodes if n.op == "call_module"}
     used_elsewhere = {n.target for n in gm.graph.nodes if n.op == "call_module" and n not in nodes}
     own = sorted(layer_modules - used_elsewhere)
-    params = sum(p.numel() for m in own for p in modules[m].parameters())
+    attrs = {n.target for n in nodes if n.op == "get_attr"} - {
+        n.target for n in gm.graph.nodes if n.op == "get_attr" and n not in nodes}  # e.g. layer scale
+    params = sum(p.numel() for m in own for p in modules[m].parameters()) + sum(
+        _attr(gm, t).numel() for t in attrs if isinstance(_attr(gm, t), nn.Parameter))
     macs = 0
     for n in nodes:
         if is_layer(n, modules):
@@ -97,11 +109,16 @@ def _section(gm, modules, graph, add, branch_arg, nodes) -> Section:
     return Section(f"sec_{add.name}", add.name, branch_arg, [n.name for n in names], own, params, int(macs), depth)
 
 
+def _attr(gm, target):
+    owner, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
 def _layer_depth(graph: nx.DiGraph, modules) -> int:
     """Conv/linear layers on the longest path of a DAG of fx nodes."""
     best: dict = {}
     for n in nx.topological_sort(graph):
-        here = 1 if is_layer(n, modules) else 0
+        here = layer_count(n, modules)
         best[n] = here + max((best[p] for p in graph.predecessors(n)), default=0)
     return max(best.values(), default=0)
 

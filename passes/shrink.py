@@ -371,9 +371,19 @@ def _slice_gates(gm, plan, new_plan, removed):
 
 
 # ---------------------------------------------------------------------------------- check
+def _is_gating(node) -> bool:
+    """Gate calls, masks and section-gate products: inserted by wrap, their shapes follow the gates."""
+    def gate(n):
+        return isinstance(n, fx.Node) and n.op == "call_module" and n.target.startswith((GATES + ".", MASKS + "."))
+    return gate(node) or any(gate(a) for a in node.all_input_nodes if a.op == "call_module"
+                             and a.target.startswith(GATES + "."))
+
+
 def _check_shapes(gm, plan, removed):
     expected = {}
     for node in gm.graph.nodes:
+        if _is_gating(node):
+            continue
         meta = node.meta.get("tensor_meta")
         if is_tensor_meta(meta):
             expected[node.name] = _new_shape(plan, node.name, meta.shape, removed)

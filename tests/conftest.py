@@ -71,7 +71,7 @@ def random_hard_gates(gm, p: float = 0.4, seed: int = 0, *, sections: float = 0.
 
 
 def rel_err(out, ref) -> float:
-    out, ref = _flat(out), _flat(ref)
+    out, ref = [t.detach() for t in _flat(out)], [t.detach() for t in _flat(ref)]
     assert len(out) == len(ref)
     scale = max(max(float(r.abs().max()) for r in ref), 1e-12)
     worst = 0.0

@@ -66,7 +66,7 @@ def _slots(gm: fx.GraphModule) -> tuple[dict[int, int], dict[str, int]]:
     return unit_slot, section_slot
 
 
-def _macs_per_call(gm: fx.GraphModule) -> dict[str, float]:
+def macs_per_weight_entry(gm: fx.GraphModule) -> dict[str, float]:
     """MACs per example per weight entry of each conv/linear module, summed over its calls."""
     out: dict[str, float] = {}
     for node in gm.graph.nodes:
@@ -86,7 +86,7 @@ def _build_index(gm: fx.GraphModule) -> list[_Entry]:
     unit_slot, section_slot = _slots(gm)
     in_section = {m: section_slot[s.name] for s in plan.sections.values() if s.name in section_slot
                   for m in s.modules}
-    macs = _macs_per_call(gm)
+    macs = macs_per_weight_entry(gm)
     entries = []
     for mname, module in gm.named_modules():
         if mname == GATES or mname.startswith(GATES + "."):

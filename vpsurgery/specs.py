@@ -72,19 +72,27 @@ class ModelSpec:
     def factory(self) -> Callable[..., nn.Module]:
         return _resolve(self)
 
-    def accepts(self, argument: str) -> bool:
-        """Whether the builder takes ``argument`` (by name or through **kwargs)."""
+    def accepts(self, argument: str, *, through_var_kwargs: bool = False) -> bool:
+        """Whether the builder names ``argument`` (or, with ``through_var_kwargs``, takes **kwargs;
+        torchvision builders pass those on to the model class, which takes num_classes)."""
         try:
             params = inspect.signature(self.factory()).parameters.values()
         except (TypeError, ValueError):
             return False
-        return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        return any(p.name == argument or (through_var_kwargs and p.kind is inspect.Parameter.VAR_KEYWORD)
+                   for p in params)
+
+    def build_kwargs(self, **defaults: Any) -> dict[str, Any]:
+        """The builder arguments: the spec's own, plus those of ``defaults`` (e.g. num_classes of
+        the dataset) that the spec does not set and the builder accepts."""
+        kwargs = {k: v for k, v in defaults.items()
+                  if k not in self.kwargs and self.accepts(k, through_var_kwargs=k == "num_classes")}
+        kwargs.update(self.kwargs)
+        return kwargs
 
     def build(self, **defaults: Any) -> nn.Module:
-        """Build the model; ``defaults`` (e.g. num_classes from the dataset) yield to the spec's
-        own arguments and are only passed when the builder accepts them."""
-        kwargs = {k: v for k, v in defaults.items() if k not in self.kwargs and self.accepts(k)}
-        kwargs.update(self.kwargs)
+        """Build the model with :meth:`build_kwargs`."""
+        kwargs = self.build_kwargs(**defaults)
         factory = self.factory()
         try:
             model = factory(**kwargs)

@@ -36,10 +36,8 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
                       f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "
                       f"the model is unchanged", stacklevel=2)
-    plan = analyse_channels(gm, example)
+    plan = analyse_channels(gm, example) if channels else Plan({}, {}, {}, {}, {}, {}, [], example)
     plan.depth = plan.original_depth = original_depth
-    if not channels:
-        plan.groups, plan.sites = {}, {}
     if sections:
         plan.sections, skipped = find_sections(gm)
         plan.unprunable += skipped

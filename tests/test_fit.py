@@ -1,0 +1,136 @@
+"""fit: prunes to the known answer, shrinks exactly mid-training, slices optimizer state, resumes,
+and stops cleanly on divergence."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import vpsurgery
+from vpsurgery.passes.shrink import SLICES_KEY
+from vpsurgery.train import CHECKPOINT, FitConfig, TrainingDiverged, _new_state, _prune, fit
+
+TEACHER_WIDTH = 4
+
+
+def teacher_data(n: int, seed: int = 0, d: int = 10, k: int = TEACHER_WIDTH) -> TensorDataset:
+    """Regression targets from a ReLU teacher with k hidden units: the known answer is width k."""
+    g = torch.Generator().manual_seed(seed)
+    w1, b1 = torch.randn(k, d, generator=g), 0.5 * torch.randn(k, generator=g)
+    w2 = torch.randn(k, generator=g).sign() * (1 + torch.rand(k, generator=g))
+    x = torch.randn(n, d, generator=g)
+    return TensorDataset(x, (torch.relu(x @ w1.T + b1) @ w2)[:, None] / 3)
+
+
+def student(width: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    return vpsurgery.wrap(nn.Sequential(nn.Linear(10, width), nn.ReLU(), nn.Linear(width, 1)), torch.randn(2, 10))
+
+
+def loader(n=1000, seed=0):
+    return DataLoader(teacher_data(n, seed), batch_size=64, shuffle=True)
+
+
+QUIET = {"progress": False, "log": lambda line: None, "loss_fn": F.mse_loss}
+
+
+def hidden_theta(gm):
+    return vpsurgery.gates(gm)["0"].theta.detach()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="not met yet: measured on this problem, straight-through either keeps all 32 units "
+                          "(price 0.02) or over-prunes (price 1.0 -> 8 units, 25% of theta between; price 3.0 -> 1); "
+                          "see docs/method.md", strict=False)
+@pytest.mark.parametrize("seed, width", [(0, 32), (1, 16)])
+def test_prunes_to_the_teacher_width(seed, width):
+    result = fit(student(width, seed), loader(2000), epochs=20, **QUIET)
+    theta = hidden_theta(result.model)
+    assert ((theta == 0) | (theta == 1)).all(), theta
+    assert int((theta == 1).sum()) == TEACHER_WIDTH
+    assert result.history[-1]["theta_between"] == 0
+
+
+def eval_loss(gm, data):
+    gm.eval()
+    with torch.no_grad():
+        return F.mse_loss(gm(data.tensors[0]), data.tensors[1]).item()
+
+
+def one_step(state, data):
+    x, y = data.tensors
+    F.mse_loss(state.model(x), y).backward()
+    state.opt.step()
+    state.opt.zero_grad()
+
+
+def test_shrinking_mid_training_keeps_the_deterministic_network_and_slices_momentum():
+    gm, data = student(), teacher_data(256)
+    config = FitConfig(epochs=1, n_train=256)
+    state = _new_state(gm, config, steps_per_epoch=4, all_sections=set())
+    one_step(state, data)
+    off = [3, 7, 8, 20]
+    theta = torch.ones(32)
+    theta[off] = 0.0
+    vpsurgery.gates(state.gm)["0"].set(theta)
+    before = eval_loss(state.gm, data)
+    old_momentum = {n: state.opt.state[p]["momentum_buffer"].clone() for n, p in state.gm.named_parameters()
+                    if p in state.opt.state}
+    state = _prune(state, config)
+    assert len(hidden_theta(state.gm)) == 28
+    assert eval_loss(state.gm, data) == pytest.approx(before, rel=1e-6, abs=1e-7)
+    kept = torch.tensor([i for i in range(32) if i not in off])
+    new = dict(state.gm.named_parameters())
+    assert state.gm.meta[SLICES_KEY]["0.weight"][0].tolist() == kept.tolist()
+    assert torch.equal(state.opt.state[new["0.weight"]]["momentum_buffer"], old_momentum["0.weight"][kept])
+    assert torch.equal(state.opt.state[new["2.weight"]]["momentum_buffer"], old_momentum["2.weight"][:, kept])
+    assert torch.equal(state.opt.state[new["2.bias"]]["momentum_buffer"], old_momentum["2.bias"])
+    one_step(state, data)  # the rebuilt optimizer trains the new parameters
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(epoch):
+    def log(line):
+        if line.startswith(f"epoch {epoch}/"):
+            raise Interrupted
+    return log
+
+
+def test_resume_after_interruption_reproduces_the_run(tmp_path):
+    args = {"epochs": 4, "optimizer": "adam", "lr": 0.01, "price": 3.0, "theta_lr": 2.0, "progress": False,
+            "loss_fn": F.mse_loss}
+    full = fit(student(), loader(), **args, log=lambda line: None)
+    with pytest.raises(Interrupted):
+        fit(student(), loader(), **args, checkpoint_dir=tmp_path, log=interrupt_after(2))
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["epoch"] == 2
+    resumed = fit(student(), loader(), **args, checkpoint_dir=tmp_path, resume=True, log=lambda line: None)
+    assert resumed.removed_units == full.removed_units and full.removed_units
+    assert torch.equal(hidden_theta(resumed.model), hidden_theta(full.model))
+    assert [h["params"] for h in resumed.history] == [h["params"] for h in full.history]
+
+
+class PoisonedLoader:
+    """Clean batches in the first epoch, NaN inputs from the second on."""
+
+    def __init__(self, data):
+        self.loader, self.dataset, self.epochs = DataLoader(data, batch_size=64), data, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.epochs += 1
+        for x, y in self.loader:
+            yield (x if self.epochs == 1 else x * float("nan")), y
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 0"):
+        fit(student(), PoisonedLoader(teacher_data(256)), epochs=3, checkpoint_dir=tmp_path, **QUIET)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary files left behind

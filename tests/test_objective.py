@@ -1,0 +1,104 @@
+"""The regulariser: values and gradients checked by hand on tiny models; multilinearity in theta."""
+import pytest
+import torch
+import torch.nn as nn
+
+import vpsurgery
+from vpsurgery.models import get_model
+from vpsurgery.objective import objective
+
+
+def tiny(theta):
+    """Linear(2, 3) - ReLU - Linear(3, 1) with one gated hidden group of 3 units."""
+    torch.manual_seed(0)
+    gm = vpsurgery.wrap(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), torch.randn(4, 2))
+    (gate,) = vpsurgery.gates(gm).values()
+    gate.set(theta)
+    return gm, gate
+
+
+def by_hand(gm, theta, price, sigma1, n):
+    w1, b1, w2, b2 = (p.detach() for name, p in gm.named_parameters() if not name.startswith("vps_"))
+    slab = lambda w: w.pow(2) / (2 * sigma1 ** 2) + price
+    unit = slab(w1).sum(1) + slab(b1) + slab(w2[0])  # everything hidden unit o governs
+    return (torch.dot(theta, unit) + slab(b2).sum()) / n, unit / n
+
+
+def test_value_and_gradient_by_hand():
+    theta = torch.tensor([1.0, 0.3, 0.0])
+    gm, gate = tiny(theta)
+    value = objective(gm, 10, price=0.2, sigma1=0.5)
+    value.backward()
+    expected, grad = by_hand(gm, theta, 0.2, 0.5, 10)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(gate.theta.grad, grad, rtol=1e-6)
+
+
+def test_price_counts_expected_kept_parameters():
+    gm, gate = tiny([1.0, 0.5, 0.0])
+    # sigma1 huge: only the price is left; a hidden unit governs 2 + 1 + 1 = 4 parameters, b2 is 1
+    value = objective(gm, 1, price=1.0, sigma1=1e8)
+    assert value.item() == pytest.approx(4 * 1.5 + 1)
+
+
+def test_spike_and_slab_adds_the_spike_term():
+    theta = torch.tensor([1.0, 0.3, 0.0])
+    gm, _ = tiny(theta)
+    w1, b1, w2, _ = (p.detach() for name, p in gm.named_parameters() if not name.startswith("vps_"))
+    sq = w1.pow(2).sum(1) + b1.pow(2) + w2[0].pow(2)
+    spike = torch.dot(1 - theta, sq) / (2 * 0.1 ** 2)
+    slab = objective(gm, 1, price=0.2, sigma1=0.5)
+    both = objective(gm, 1, price=0.2, sigma1=0.5, prior="spike_and_slab", sigma0=0.1)
+    assert (both - slab).item() == pytest.approx(spike.item(), rel=1e-5)
+
+
+def test_multilinear_in_theta():
+    """Affine in every single theta: the second difference along each coordinate is zero."""
+    gm = vpsurgery.wrap(get_model("resnet20", width=0.25), torch.randn(1, 3, 8, 8))
+    gates = vpsurgery.gates(gm)
+    torch.manual_seed(1)
+    for g in gates.values():
+        g.set(torch.rand_like(g.theta))
+    section = gates["sec_add_1"]
+    channel = next(g for g in gates.values() if g.kind == "channel")
+    for gate, i in ((section, 0), (channel, 3)):
+        values = []
+        for t in (0.0, 0.5, 1.0):
+            with torch.no_grad():
+                gate.theta[i] = t
+            values.append(objective(gm, 100).item())
+        assert values[1] == pytest.approx((values[0] + values[2]) / 2, rel=1e-5)
+
+
+def test_section_gate_multiplies_its_modules():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+        def forward(self, x):
+            return x + self.inner(x)
+
+    gm = vpsurgery.wrap(Block(), torch.randn(2, 4), channels=False)
+    (gate,) = vpsurgery.gates(gm).values()
+    assert gate.kind == "section"
+    on = objective(gm, 1, price=1.0, sigma1=1e8).item()
+    gate.set(0.0)
+    off = objective(gm, 1, price=1.0, sigma1=1e8).item()
+    assert on == pytest.approx(40) and off == pytest.approx(0)
+
+
+def test_price_per_flop_uses_macs_per_example():
+    gm = vpsurgery.wrap(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 1)),
+                        torch.randn(1, 1, 5, 5))
+    value = objective(gm, 1, price=1.0, sigma1=1e8, per="flops").item()
+    assert value == pytest.approx((2 * 9 + 2) * 25)  # both convs' weights, 25 output positions each
+
+
+@pytest.mark.parametrize("kwargs, message", [({"prior": "laplace"}, "prior"), ({"per": "bytes"}, "per"),
+                                             ({"n_train": 0}, "n_train")])
+def test_bad_arguments(kwargs, message):
+    gm, _ = tiny([1.0, 1.0, 1.0])
+    args = {"n_train": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        objective(gm, args.pop("n_train"), **args)

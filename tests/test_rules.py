@@ -1,0 +1,659 @@
+"""Each channel rule on a tiny hand-written module: the groups it produces (sizes, producers,
+which channels are one unit), what it pins and reports, and THE INVARIANT after random hard gating."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vpsurgery
+
+from conftest import assert_invariant, channel_gates, random_hard_gates, realistic_stats, rel_err
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def wrap(model, x):
+    torch.manual_seed(0)
+    model = realistic_stats(model).eval()
+    gm = vpsurgery.wrap(model, (x,))
+    with torch.no_grad():
+        assert rel_err(gm.eval()(x), model(x)) <= 1e-6  # theta = 1: the model itself
+    return gm
+
+
+def group_of(gm, module):
+    found = [g for g in vpsurgery.plan(gm).groups.values() if module in g.producers]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def unit_index(gm, module, axis="out"):
+    """Per channel of `module`'s axis: index of its unit within its group (-1 if ungated)."""
+    plan = vpsurgery.plan(gm)
+    owner = plan.unit_group()
+    return [owner[int(u)][1] if int(u) in owner else -1 for u in plan.module_axes[module][axis].units]
+
+
+def check_invariant(gm, x, seeds=(0, 1, 2), p=0.4):
+    for seed in seeds:
+        random_hard_gates(gm, p=p, seed=seed)
+        assert_invariant(gm, x, smaller=True)
+        x2 = torch.randn(3, *x.shape[1:])
+        shrunk = vpsurgery.shrink(gm).eval()
+        with torch.no_grad():
+            assert rel_err(shrunk(x2), gm.eval()(x2)) <= 1e-4
+
+
+def unprunable_reasons(gm):
+    return {u.reason: u for u in vpsurgery.plan(gm).unprunable}
+
+
+def assert_pinned(gm, module, reason_part):
+    """`module`'s output channels are not gated, and the reason is in plan and report."""
+    assert group_of(gm, module) is None, vpsurgery.report(gm)
+    hits = [u for u in vpsurgery.plan(gm).unprunable if reason_part in u.reason and module in u.producers]
+    assert hits, vpsurgery.plan(gm).unprunable
+    assert reason_part in vpsurgery.report(gm)
+
+
+class Head(nn.Module):
+    def __init__(self, c, n=5):
+        super().__init__()
+        self.fc = nn.Linear(c, n)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------ conv/bn
+class ConvBnReluConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3)
+        self.head = Head(6)
+
+    def forward(self, x):
+        return self.head(self.conv2(F.relu(self.bn(self.conv1(x)))))
+
+
+def test_conv_bn_relu_conv():
+    gm = wrap(ConvBnReluConv(), X)
+    plan = vpsurgery.plan(gm)
+    g1, g2 = group_of(gm, "conv1"), group_of(gm, "conv2")
+    assert len(g1.units) == 8 and g1.producers == ["conv1"]
+    assert len(g2.units) == 6 and g2.producers == ["conv2"]
+    assert group_of(gm, "head.fc") is None  # reaches the output
+    # bn's channels are conv1's units, position by position
+    assert list(plan.module_axes["bn"]["ch"].units) == list(plan.module_axes["conv1"]["out"].units)
+    assert list(plan.module_axes["conv2"]["in"].units) == list(plan.module_axes["conv1"]["out"].units)
+    assert {s.node for s in plan.sites.values()} == {"conv2", "head_fc"}
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=0)
+    shrunk = vpsurgery.shrink(gm)
+    assert shrunk.conv1.out_channels == shrunk.bn.num_features == shrunk.conv2.in_channels == 4
+    assert shrunk.bn.running_mean.shape == (4,)
+
+
+# ------------------------------------------------------------------------------------------ residual
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = Head(4)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = self.bn(self.b(F.relu(x))) + x
+        return self.head(self.c(F.relu(y)))
+
+
+def test_residual_add_couples_producers():
+    gm = wrap(Residual(), X)
+    g = group_of(gm, "a")
+    assert g is group_of(gm, "b") and sorted(g.producers) == ["a", "b"] and len(g.units) == 8
+    assert unit_index(gm, "a") == unit_index(gm, "b") == list(range(8))  # position i of a is position i of b
+    assert len(group_of(gm, "c").units) == 4
+    assert len(vpsurgery.plan(gm).sections) == 1
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ cat
+class Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(10, 5, 1)
+        self.head = Head(5)
+
+    def forward(self, x):
+        return self.head(self.c3(torch.cat([self.c1(x), self.c2(x)], dim=1)))
+
+
+def test_cat_offsets():
+    gm = wrap(Cat(), X)
+    plan = vpsurgery.plan(gm)
+    g1, g2 = group_of(gm, "c1"), group_of(gm, "c2")
+    assert g1 is not g2 and len(g1.units) == 4 and len(g2.units) == 6
+    cin = list(plan.module_axes["c3"]["in"].units)
+    assert cin == list(plan.module_axes["c1"]["out"].units) + list(plan.module_axes["c2"]["out"].units)
+    site = next(s for s in plan.sites.values() if s.node == "c3")
+    mask = gm.get_submodule(f"vps_masks.{site.name}")
+    assert mask.index.tolist() == list(range(1, 11))  # both groups' gates, at their offsets
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ split
+class Split(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.c2, self.c3 = nn.Conv2d(3 if how == "split" else 4, 4, 1), nn.Conv2d(5 if how == "split" else 4, 4, 1)
+        self.head = Head(8)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.how == "chunk":
+            a, b = y.chunk(2, dim=1)
+        elif self.how == "torch.chunk":
+            a, b = torch.chunk(y, 2, 1)
+        else:
+            a, b = torch.split(y, [3, 5], dim=1)
+        return self.head(torch.cat([self.c2(F.relu(a)), self.c3(b)], 1))
+
+
+@pytest.mark.parametrize("how", ["chunk", "torch.chunk", "split"])
+def test_split_chunk(how):
+    gm = wrap(Split(how), X)
+    plan = vpsurgery.plan(gm)
+    g = group_of(gm, "c1")
+    assert len(g.units) == 8
+    k = 3 if how == "split" else 4
+    assert list(plan.module_axes["c2"]["in"].units) == list(plan.module_axes["c1"]["out"].units[:k])
+    assert list(plan.module_axes["c3"]["in"].units) == list(plan.module_axes["c1"]["out"].units[k:])
+    check_invariant(gm, X, seeds=range(5))
+
+
+# ------------------------------------------------------------------------------------------ flatten
+class FlattenLinear(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3)  # 8x8 -> 6x6
+        self.fc1, self.fc2 = nn.Linear(4 * 36, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.how == "flatten":
+            y = torch.flatten(y, 1)
+        elif self.how == "view":
+            y = y.view(y.size(0), -1)
+        elif self.how == "view_literal":
+            y = y.view(-1, 144)
+        elif self.how == "reshape":
+            y = y.reshape(y.shape[0], 4 * 36)
+        elif self.how == "module":
+            y = nn.Flatten()(y)
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+@pytest.mark.parametrize("how", ["flatten", "view", "view_literal", "reshape"])
+def test_flatten_linear_blocks(how):
+    gm = wrap(FlattenLinear(how), X)
+    plan = vpsurgery.plan(gm)
+    g = group_of(gm, "conv")
+    assert len(g.units) == 4
+    conv_units = plan.module_axes["conv"]["out"].units
+    fc_in = plan.module_axes["fc1"]["in"].units
+    # channel c of conv is the block of 36 features [36c, 36c + 36) of fc1
+    assert list(fc_in) == [u for u in conv_units for _ in range(36)]
+    assert len(group_of(gm, "fc1").units) == 7
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=0)
+    assert vpsurgery.shrink(gm).fc1.in_features == 2 * 36
+
+
+class ReshapeMean(nn.Module):
+    """(N, C, H, W) -> (N, C, H*W) -> mean over the last dim -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 6, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.reshape(y.shape[0], 6, -1).mean(-1))
+
+
+def test_view_reshape_keeps_channel_dim():
+    gm = wrap(ReshapeMean(), X)
+    assert len(group_of(gm, "conv").units) == 6
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ permute / LayerNorm
+class ChannelsLast(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(6, 4, 1)
+        self.ln = nn.LayerNorm(8)
+        self.lin = nn.Linear(8, 6)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x).permute(0, 2, 3, 1)  # N H W C
+        if self.norm:
+            y = self.ln(y)
+        y = self.lin(F.gelu(y)).permute(0, 3, 1, 2)
+        return self.head(self.c2(y))
+
+
+def test_permute_linear_channels_last():
+    gm = wrap(ChannelsLast(norm=False), X)
+    plan = vpsurgery.plan(gm)
+    assert len(group_of(gm, "c1").units) == 8
+    assert len(group_of(gm, "lin").units) == 6
+    assert list(plan.module_axes["lin"]["in"].units) == list(plan.module_axes["c1"]["out"].units)
+    check_invariant(gm, X)
+
+
+def test_layernorm_over_channels_pins():
+    gm = wrap(ChannelsLast(norm=True), X)
+    assert_pinned(gm, "c1", "LayerNorm")
+    assert len(group_of(gm, "lin").units) == 6  # the channels after the norm are still prunable
+    check_invariant(gm, X)
+
+
+class LayerNormSpatial(nn.Module):
+    """LayerNorm over the last (spatial) dim only: channels stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.ln = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.LayerNorm(8)
+        self.head = Head(4)
+
+    def forward(self, x):
+        return self.head(self.c2(self.ln(self.c1(x))))
+
+
+def test_layernorm_over_spatial_dim_does_not_pin():
+    gm = wrap(LayerNormSpatial(), X)
+    assert len(group_of(gm, "c1").units) == 8
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ grouped conv
+class Grouped(nn.Module):
+    def __init__(self, groups, out):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(out)
+        self.g = nn.Conv2d(8, out, 3, padding=1, groups=groups)
+        self.c3 = nn.Conv2d(out, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        return self.head(self.c3(F.relu(self.bn(self.g(F.relu(self.c1(x)))))))
+
+
+@pytest.mark.parametrize("groups,out,units", [(4, 8, 4), (2, 6, 2), (8, 8, 8), (8, 16, 8)],
+                         ids=["grouped", "grouped-uneven", "depthwise", "depthwise-x2"])
+def test_grouped_and_depthwise_conv_whole_groups(groups, out, units):
+    gm = wrap(Grouped(groups, out), X)
+    plan = vpsurgery.plan(gm)
+    g = group_of(gm, "c1")
+    assert g is group_of(gm, "g") and sorted(g.producers) == ["c1", "g"] and len(g.units) == units
+    cin, cout = 8 // groups, out // groups
+    idx_in, idx_out = unit_index(gm, "g", "in"), unit_index(gm, "g", "out")
+    assert idx_in == [j for j in range(groups) for _ in range(cin)]
+    assert idx_out == [j for j in range(groups) for _ in range(cout)]
+    assert list(plan.module_axes["c1"]["out"].units) == list(plan.module_axes["g"]["in"].units)
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=0)
+    shrunk = vpsurgery.shrink(gm)
+    assert shrunk.g.groups == groups - groups // 2
+    assert shrunk.g.in_channels == cin * shrunk.g.groups and shrunk.g.out_channels == cout * shrunk.g.groups
+
+
+# ------------------------------------------------------------------------------------------ shuffle
+class Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(self.c2(y))
+
+
+def test_channel_shuffle():
+    gm = wrap(Shuffle(), X)
+    plan = vpsurgery.plan(gm)
+    g = group_of(gm, "c1")
+    # channel i and i + 4 must go together (otherwise the (n, 2, c/2) view is not rectangular)
+    assert len(g.units) == 4
+    idx = unit_index(gm, "c1")
+    assert idx[:4] == idx[4:]
+    # after the shuffle, c2 reads c1's channels in interleaved order
+    c1, c2 = plan.module_axes["c1"]["out"].units, plan.module_axes["c2"]["in"].units
+    assert list(c2) == [c1[(i % 2) * 4 + i // 2] for i in range(8)]
+    check_invariant(gm, X, seeds=range(4))
+
+
+# ------------------------------------------------------------------------------------------ SE / layer scale
+class SE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc1, self.fc2, self.c3 = (nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1), nn.Conv2d(3, 8, 1),
+                                                nn.Conv2d(8, 4, 1))
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(self.c3(y * s))
+
+
+def test_se_block_mul_with_broadcast():
+    gm = wrap(SE(), X)
+    g = group_of(gm, "c1")
+    assert g is group_of(gm, "fc2") and sorted(g.producers) == ["c1", "fc2"] and len(g.units) == 8
+    assert unit_index(gm, "c1") == unit_index(gm, "fc2")
+    assert len(group_of(gm, "fc1").units) == 3
+    check_invariant(gm, X)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(shape) + 0.5)
+        self.head = Head(4)
+
+    def forward(self, x):
+        return self.head(self.c2(self.c1(x) * self.gamma))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1, 1)])
+def test_layer_scale_parameter(shape):
+    gm = wrap(LayerScale(shape), X)
+    plan = vpsurgery.plan(gm)
+    assert len(group_of(gm, "c1").units) == 8
+    ax = plan.param_axes["gamma"]
+    assert ax.dim == len(shape) - 3 and list(ax.units) == list(plan.module_axes["c1"]["out"].units)
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=0)
+    assert vpsurgery.shrink(gm).gamma.shape[len(shape) - 3] == 4
+
+
+class SpatialMask(nn.Module):
+    """x * (N, 1, H, W) attention map: the map is broadcast across channels; x stays prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.att, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 1, 1), nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.head(self.c2(y * torch.sigmoid(self.att(y))))
+
+
+def test_spatial_attention_broadcast():
+    gm = wrap(SpatialMask(), X)
+    assert len(group_of(gm, "c1").units) == 8
+    assert group_of(gm, "att") is None  # its single channel is broadcast: a size-1 dim cannot shrink
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ reductions
+class Reduce(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        if self.how == "mean":
+            y = y.mean((2, 3))
+        elif self.how == "mean-neg-keepdim":
+            y = y.mean(dim=[-2, -1], keepdim=True).flatten(1)
+        elif self.how == "torch.sum":
+            y = torch.sum(y, dim=(2, 3))
+        elif self.how == "amax":
+            y = torch.amax(y, dim=(-1, -2))
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["mean", "mean-neg-keepdim", "torch.sum", "amax"])
+def test_mean_over_spatial_dims(how):
+    gm = wrap(Reduce(how), X)
+    assert len(group_of(gm, "c1").units) == 8
+    check_invariant(gm, X)
+
+
+class ReduceChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.head(self.c2(y) + y.mean(1, keepdim=True))
+
+
+def test_mean_over_channels_pins():
+    gm = wrap(ReduceChannels(), X)
+    assert_pinned(gm, "c1", "reduction over the channel dim")
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ getitem
+class Slices(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1 = nn.Conv2d(3, 8, 1)
+        n = {"range": 4, "open": 5, "neg": 3, "ellipsis": 4, "int": 1, "strided": 4}[how]
+        self.c2 = nn.Conv2d(n, 4, 1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.how == "range":
+            s = y[:, 2:6]
+        elif self.how == "open":
+            s = y[:, 3:]
+        elif self.how == "neg":
+            s = y[:, -3:]
+        elif self.how == "ellipsis":
+            s = y[..., 2:6, :, :]
+        elif self.how == "int":
+            s = y[:, 5].unsqueeze(1)
+        else:
+            s = y[:, ::2]
+        return self.head(self.c2(s) + self.c3(y))
+
+
+@pytest.mark.parametrize("how", ["range", "open", "neg", "ellipsis"])
+def test_getitem_slices(how):
+    gm = wrap(Slices(how), X)
+    plan = vpsurgery.plan(gm)
+    assert len(group_of(gm, "c1").units) == 8
+    sl = {"range": slice(2, 6), "open": slice(3, None), "neg": slice(-3, None), "ellipsis": slice(2, 6)}[how]
+    assert list(plan.module_axes["c2"]["in"].units) == list(plan.module_axes["c1"]["out"].units[sl])
+    check_invariant(gm, X, seeds=range(6))
+
+
+def test_getitem_single_channel_pins_that_channel():
+    gm = wrap(Slices("int"), X)
+    g = group_of(gm, "c1")
+    assert len(g.units) == 7  # channel 5 stays, the others are prunable
+    assert unit_index(gm, "c1")[5] == -1
+    assert any("single channel" in u.reason for u in vpsurgery.plan(gm).unprunable)
+    check_invariant(gm, X)
+
+
+def test_getitem_strided_slice_pins():
+    gm = wrap(Slices("strided"), X)
+    assert_pinned(gm, "c1", "strided slice")
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ softmax
+class Softmax(nn.Module):
+    def __init__(self, dim, module=False):
+        super().__init__()
+        self.dim = dim
+        self.sm = nn.Softmax(dim) if module else None
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y = self.sm(y) if self.sm is not None else F.softmax(y, dim=self.dim)
+        return self.head(self.c2(y))
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_softmax_over_channels_pins(module):
+    gm = wrap(Softmax(1, module), X)
+    assert_pinned(gm, "c1", "softmax over the channel dim")
+    check_invariant(gm, X)
+
+
+def test_softmax_over_spatial_dim_keeps_channels():
+    gm = wrap(Softmax(-1), X)
+    assert len(group_of(gm, "c1").units) == 8
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ no rule
+class NoRule(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.how == "cumsum":
+            y = torch.cumsum(y, dim=1)
+        elif self.how == "cumsum-spatial":
+            y = torch.cumsum(y, dim=3)
+        elif self.how == "flip":
+            y = torch.flip(y, dims=[1])
+        elif self.how == "matmul":
+            y = torch.matmul(y.permute(0, 2, 3, 1), torch.ones(8, 8)).permute(0, 3, 1, 2)
+        elif self.how == "roll":
+            y = y.roll(1, 1)
+        return self.head(self.c2(y))
+
+
+@pytest.mark.parametrize("how,name", [("cumsum", "cumsum"), ("cumsum-spatial", "cumsum"), ("flip", "flip"),
+                                      ("matmul", "matmul"), ("roll", "roll")])
+def test_op_without_rule_pins_and_reports(how, name):
+    gm = wrap(NoRule(how), X)
+    reasons = [u for u in vpsurgery.plan(gm).unprunable if "no channel rule" in u.reason and name in u.reason]
+    assert reasons, vpsurgery.plan(gm).unprunable
+    assert "c1" in reasons[0].producers
+    assert group_of(gm, "c1") is None  # never treated as elementwise
+    assert name in vpsurgery.report(gm)
+    assert len(group_of(gm, "c2").units) == 4
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ others
+class Pools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.gn = nn.GroupNorm(4, 8)
+        self.prelu = nn.PReLU(8)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = self.pool(self.prelu(self.c1(x)))
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+        y = self.gn(self.c2(F.avg_pool2d(y, 2)))
+        return self.head(self.c3(F.hardswish(y)))
+
+
+def test_pool_interpolate_groupnorm_prelu():
+    gm = wrap(Pools(), X)
+    assert len(group_of(gm, "c1").units) == 8
+    g2 = group_of(gm, "c2")
+    assert len(g2.units) == 4  # GroupNorm(4, 8): a group's statistics need all of its channels
+    assert unit_index(gm, "c2") == [0, 0, 1, 1, 2, 2, 3, 3]
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=0)
+    shrunk = vpsurgery.shrink(gm)
+    assert shrunk.gn.num_groups == 2 and shrunk.gn.num_channels == 4
+    assert shrunk.prelu.weight.numel() == 4
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.Conv1d(8, 4, 3, groups=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.c2(F.relu(self.bn(self.c1(x)))).mean(-1))
+
+
+def test_conv1d_batchnorm1d():
+    x = torch.randn(2, 3, 16)
+    gm = wrap(Conv1dNet(), x)
+    assert len(group_of(gm, "c1").units) == 8
+    assert len(group_of(gm, "c2").units) == 2
+    check_invariant(gm, x)
+
+
+class ConvTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.up, self.c2 = nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 6, 2, stride=2), nn.Conv2d(6, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        return self.head(self.c2(F.relu(self.up(F.relu(self.c1(x))))))
+
+
+def test_conv_transpose():
+    gm = wrap(ConvTranspose(), X)
+    assert len(group_of(gm, "c1").units) == 8
+    assert len(group_of(gm, "up").units) == 6
+    check_invariant(gm, X)
+
+
+def test_elementwise_with_python_scalars_and_sizes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+            self.head = Head(4)
+
+        def forward(self, x):
+            y = self.c1(x)
+            h = y.shape[2] // 2 * 2  # int arithmetic on sizes
+            y = (2.0 * y - 1) / 3 + y.clamp(min=0) ** 2
+            return self.head(self.c2(y[:, :, :h]))
+
+    gm = wrap(M(), X)
+    assert len(group_of(gm, "c1").units) == 8
+    check_invariant(gm, X)

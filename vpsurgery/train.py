@@ -1,0 +1,453 @@
+"""fit: train a gated model and prune it at the same time (projected SGD on theta, docs/method.md).
+
+Each step minimises  mean minibatch loss + objective(gm) (the regulariser per example) over the
+weights (SGD or Adam) and over theta (plain SGD, then clamped to [0, 1]). Every `prune_every` steps
+and at the end of each epoch, structures whose theta reached `prune_threshold` are removed
+physically (shrink with keep_gates=True); the optimizer is rebuilt on the smaller parameters with
+its state sliced, so later steps are cheaper. Works under torchrun (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vpsurgery.io import atomic_save
+from vpsurgery.objective import macs_per_weight_entry, objective
+from vpsurgery.passes.insert_gates import GATES, MASKS
+from vpsurgery.passes.shrink import SLICES_KEY, plan_of
+from vpsurgery.passes.shrink import shrink as shrink_exact
+
+CHECKPOINT = "last.pt"
+THETA_ESTIMATORS = ("straight_through", "disarm")
+# theta within this distance of 0 or 1 counts as "at" that end in the history
+AT_END = 0.01
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint written before it is kept."""
+
+
+@dataclass
+class FitConfig:
+    """Everything that decides the result; stored in checkpoints and compared on resume."""
+
+    epochs: int
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    theta_lr: float = 0.5
+    price: float = 0.5
+    sigma1: float = 1.0
+    per: str = "params"
+    prior: str = "slab"
+    sigma0: float = 0.01
+    estimator: str = "straight_through"
+    prune_every: int = 20
+    prune_threshold: float = 0.0
+    n_train: int = 0
+
+
+@dataclass
+class FitResult:
+    model: fx.GraphModule  # trained, shrunk, still gated (vpsurgery.shrink it to drop the gates)
+    history: list[dict] = field(default_factory=list)
+    removed_units: set[int] = field(default_factory=set)
+    removed_sections: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _State:
+    """The parts of training that shrinking replaces."""
+
+    gm: fx.GraphModule
+    model: torch.nn.Module  # gm, or gm wrapped in DistributedDataParallel
+    opt: torch.optim.Optimizer
+    theta_opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    all_sections: set[str]
+
+
+def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr: float = 0.05,
+        optimizer: str = "sgd", momentum: float = 0.9, theta_lr: float = 0.5, price: float = 0.5,
+        sigma1: float = 1.0, per: str = "params", prior: str = "slab", sigma0: float = 0.01,
+        estimator: str = "straight_through", prune_every: int = 20, prune_threshold: float = 0.0,
+        n_train: int | None = None, loss_fn: Callable = F.cross_entropy, device: str = "auto",
+        checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train `gated` (from vpsurgery.wrap) and prune it while training; see docs/method.md.
+
+    lr/optimizer/momentum: the weights' optimizer ('sgd' or 'adam'), cosine-annealed per step.
+    theta_lr: projected-SGD step on theta. price/sigma1/per/prior/sigma0: the regulariser
+    (vpsurgery.objective). estimator: theta's gradient, 'straight_through' (one pass) or 'disarm'
+    (unbiased, two passes). Structures with theta <= prune_threshold are removed every
+    prune_every steps and at each epoch's end. n_train defaults to len(train_loader.dataset).
+    """
+    config = _config(epochs, lr, optimizer, momentum, theta_lr, price, sigma1, per, prior, sigma0,
+                     estimator, prune_every, prune_threshold, n_train, train_loader)
+    dev = _device(device)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    all_sections = set(plan_of(gated).sections)
+    # Work on a copy: the caller's model is left as it was.
+    state = _new_state(copy.deepcopy(gated).to(dev), config, len(train_loader), all_sections)
+    history, start = [], 0
+    if resume:
+        state, history, start = _resume(state, config, ckpt_path, dev, len(train_loader))
+    for epoch in range(start + 1, epochs + 1):
+        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        state, stats = _train_epoch(state, train_loader, config, dev, loss_fn, epoch, progress and rank0)
+        state = _prune(state, config)
+        val_acc = _evaluate(state.gm, val_loader, dev) if val_loader is not None else None
+        history.append(_epoch_record(state, epoch, stats, val_acc, time.perf_counter() - t0))
+        if ckpt_path is not None:
+            _save(state, config, history, epoch, ckpt_path, rank0)
+        if rank0:
+            log(_log_line(history[-1], epochs))
+    removed_units, removed_sections = _removed(state)
+    return FitResult(state.gm, history, removed_units, removed_sections)
+
+
+# ---------------------------------------------------------------------------------- setup
+def _config(epochs, lr, optimizer, momentum, theta_lr, price, sigma1, per, prior, sigma0, estimator,
+            prune_every, prune_threshold, n_train, train_loader) -> FitConfig:
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if estimator not in THETA_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {THETA_ESTIMATORS}, got {estimator!r}")
+    if epochs < 1 or prune_every < 1:
+        raise ValueError(f"epochs and prune_every must be >= 1, got {epochs} and {prune_every}")
+    if n_train is None:
+        n_train = len(train_loader.dataset)
+    return FitConfig(epochs, lr, optimizer, momentum, theta_lr, price, sigma1, per, prior, sigma0,
+                     estimator, prune_every, prune_threshold, n_train)
+
+
+def _device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _split_params(gm: fx.GraphModule) -> tuple[list, list]:
+    weights, thetas = [], []
+    for name, p in gm.named_parameters():
+        (thetas if name.startswith(GATES + ".") else weights).append(p)
+    return weights, thetas
+
+
+def _make_optimizers(gm, config: FitConfig):
+    weights, thetas = _split_params(gm)
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(weights, lr=config.lr)
+    else:
+        opt = torch.optim.SGD(weights, lr=config.lr, momentum=config.momentum)
+    # Projected SGD on theta: no momentum, no adaptive scaling (the objective is linear in theta).
+    return opt, torch.optim.SGD(thetas, lr=config.theta_lr)
+
+
+def _wrap_ddp(gm: fx.GraphModule, dev: torch.device) -> torch.nn.Module:
+    if not dist.is_initialized():
+        return gm
+    ids = [dev.index] if dev.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(gm, device_ids=ids)
+
+
+def _new_state(gm, config: FitConfig, steps_per_epoch: int, all_sections: set[str]) -> _State:
+    opt, theta_opt = _make_optimizers(gm, config)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
+    return _State(gm, _wrap_ddp(gm, next(gm.parameters()).device), opt, theta_opt, sched, all_sections)
+
+
+# ---------------------------------------------------------------------------------- one epoch
+def _train_epoch(state: _State, loader, config: FitConfig, dev, loss_fn, epoch: int,
+                 bar: bool) -> tuple[_State, dict]:
+    state.model.train()
+    totals = {"loss": 0.0, "objective": 0.0, "correct": 0, "seen": 0, "classified": False}
+    step_in_epoch = 0
+    for x, y in tqdm(loader, desc=f"epoch {epoch}", disable=not bar, leave=False):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        step = _disarm_step if config.estimator == "disarm" else _straight_through_step
+        loss, reg, correct = step(state, x, y, config, loss_fn)
+        _check_finite(loss + reg, epoch, step_in_epoch)
+        state.opt.step()
+        state.theta_opt.step()
+        state.sched.step()
+        _project(state.gm)
+        state.opt.zero_grad(set_to_none=True)
+        state.theta_opt.zero_grad(set_to_none=True)
+        step_in_epoch += 1
+        if state.sched.last_epoch % config.prune_every == 0:
+            state = _prune(state, config)
+            state.model.train()
+        totals["loss"] += float(loss) * len(y)
+        totals["objective"] += float(loss + reg) * len(y)
+        totals["correct"] += correct or 0
+        totals["classified"] = correct is not None
+        totals["seen"] += len(y)
+    return state, totals
+
+
+def _forward_loss(state: _State, x, y, loss_fn):
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        out = state.model(x)
+    loss = loss_fn(out.float(), y)
+    return loss, _correct(out, y)
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor) -> int | None:
+    """Correct class predictions, or None when this is not classification."""
+    if out.ndim != 2 or y.is_floating_point():
+        return None
+    return int((out.argmax(1) == y).sum())
+
+
+def _regulariser(state: _State, config: FitConfig) -> torch.Tensor:
+    return objective(state.gm, config.n_train, price=config.price, sigma1=config.sigma1, per=config.per,
+                     prior=config.prior, sigma0=config.sigma0)
+
+
+def _straight_through_step(state: _State, x, y, config, loss_fn):
+    loss, correct = _forward_loss(state, x, y, loss_fn)
+    reg = _regulariser(state, config)
+    (loss + reg).backward()
+    return loss.detach(), reg.detach(), correct
+
+
+def _disarm_step(state: _State, x, y, config, loss_fn):
+    """DisARM (Dong et al. 2020) in theta coordinates: two antithetic samples b1 = [u < theta],
+    b2 = [1 - u < theta]; unbiased for E[loss] on (0, 1). Weight gradients average both passes."""
+    gates = getattr(state.gm, GATES)
+    thetas = {name: g.theta.detach() for name, g in gates.items()}
+    u = {name: torch.rand_like(t) for name, t in thetas.items()}
+    samples = [{n: (u[n] < t).to(t.dtype) for n, t in thetas.items()},
+               {n: (1 - u[n] < t).to(t.dtype) for n, t in thetas.items()}]
+    losses = []
+    try:
+        for sample in samples:
+            for name, g in gates.items():
+                g.fixed_sample = sample[name]
+            loss, correct = _forward_loss(state, x, y, loss_fn)
+            reg = _regulariser(state, config)  # in both passes, so DDP sees theta used each time
+            (0.5 * (loss + reg)).backward()
+            losses.append(loss.detach())
+    finally:
+        for g in gates.values():
+            g.fixed_sample = None
+    diff = losses[0] - losses[1]
+    grads = []
+    for name, t in thetas.items():
+        b1, b2 = samples[0][name], samples[1][name]
+        sign = 1 - 2 * b2
+        grads.append(0.5 * diff * sign * (b1 != b2) / torch.minimum(t, 1 - t).clamp_min(1e-6))
+    flat = torch.cat(grads)
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    for g, part in zip(gates.values(), flat.split([t.numel() for t in thetas.values()])):
+        g.theta.grad = part.view_as(g.theta) if g.theta.grad is None else g.theta.grad + part.view_as(g.theta)
+    return 0.5 * (losses[0] + losses[1]), reg.detach(), correct  # accuracy of the second sample
+
+
+def _check_finite(total: torch.Tensor, epoch: int, step: int) -> None:
+    bad = (~torch.isfinite(total)).float()
+    if dist.is_initialized():  # every rank must stop together, or the others hang in all_reduce
+        dist.all_reduce(bad)
+    if bad.item():
+        raise TrainingDiverged(
+            f"training diverged: the loss is {float(total)} at epoch {epoch}, step {step} of the epoch; "
+            "lower lr or theta_lr (the last checkpoint written before this is kept)")
+
+
+@torch.no_grad()
+def _project(gm: fx.GraphModule) -> None:
+    for g in getattr(gm, GATES, {}).values():
+        g.theta.clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------- pruning
+def _prune_decision(gm: fx.GraphModule, threshold: float) -> tuple[set[int], set[str]]:
+    plan, gates = plan_of(gm), getattr(gm, GATES, {})
+    units, sections = set(), set()
+    for name, group in plan.groups.items():
+        theta = gates[name].theta.detach().cpu()
+        units |= {u for u, t in zip(group.units, theta.tolist()) if t <= threshold}
+    for name in plan.sections:
+        if name in gates and float(gates[name].theta.detach()) <= threshold:
+            sections.add(name)
+    # A unit the shrink keeps (so no tensor goes empty) would be "removed" again at every check.
+    return units - plan.removed_units - _kept_anyway(gm), sections
+
+
+def _kept_anyway(gm: fx.GraphModule) -> set[int]:
+    return gm.meta.get("vpsurgery.train.kept_anyway", set())
+
+
+def _prune(state: _State, config: FitConfig) -> _State:
+    units, sections = _prune_decision(state.gm, config.prune_threshold)
+    if dist.is_initialized():  # theta is identical on every rank; make the decision identical too
+        decision = [(sorted(units), sorted(sections))]
+        dist.broadcast_object_list(decision, src=0)
+        units, sections = set(decision[0][0]), set(decision[0][1])
+    if not units and not sections:
+        return state
+    return _shrink_state(state, config, units, sections)
+
+
+def _shrink_state(state: _State, config: FitConfig, units: set[int], sections: set[str]) -> _State:
+    old_plan = plan_of(state.gm)
+    gm = shrink_exact(state.gm, keep_gates=True, removed_units=old_plan.removed_units | units,
+                      removed_sections=sections)
+    kept = units - plan_of(gm).removed_units
+    gm.meta["vpsurgery.train.kept_anyway"] = _kept_anyway(state.gm) | kept
+    opt, theta_opt = _make_optimizers(gm, config)
+    _carry_optimizer(state.opt, state.gm, opt, gm)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=state.sched.T_max)
+    sched.load_state_dict(state.sched.state_dict())
+    dev = next(gm.parameters()).device
+    return _State(gm, _wrap_ddp(gm, dev), opt, theta_opt, sched, state.all_sections)
+
+
+def _carry_optimizer(old_opt, old_gm, new_opt, new_gm) -> None:
+    """Move the optimizer state to the shrunk parameters, sliced by meta['vpsurgery.slices']."""
+    for old_group, new_group in zip(old_opt.param_groups, new_opt.param_groups):
+        new_group.update({k: v for k, v in old_group.items() if k != "params"})
+    slices = new_gm.meta.get(SLICES_KEY, {})
+    old_params = dict(old_gm.named_parameters())
+    for name, p in new_gm.named_parameters():
+        old = old_params.get(name)
+        if old is None or old not in old_opt.state:
+            continue
+        new_opt.state[p] = {k: _slice_like(v, old, slices.get(name, {})) for k, v in old_opt.state[old].items()}
+
+
+def _slice_like(value, param: torch.Tensor, dims: dict[int, torch.Tensor]):
+    if not torch.is_tensor(value) or value.shape != param.shape:
+        return value  # e.g. Adam's step count
+    for d, keep in dims.items():
+        value = value.index_select(d, keep.to(value.device))
+    return value.clone()
+
+
+def _removed(state: _State) -> tuple[set[int], set[str]]:
+    plan = plan_of(state.gm)
+    return set(plan.removed_units), state.all_sections - set(plan.sections)
+
+
+# ---------------------------------------------------------------------------------- reporting
+@torch.no_grad()
+def _evaluate(gm: fx.GraphModule, loader, dev) -> float | None:
+    """Accuracy of the deterministic network (gates at theta); None unless classification."""
+    gm.eval()
+    correct = seen = 0
+    for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            c = _correct(gm(x), y)
+        if c is None:
+            return None
+        correct += c
+        seen += len(y)
+    return correct / max(seen, 1)
+
+
+def kept_params(gm: fx.GraphModule) -> int:
+    """Parameters of the network, gates excluded."""
+    return sum(p.numel() for p in _split_params(gm)[0])
+
+
+def kept_macs(gm: fx.GraphModule) -> int:
+    """Conv/linear multiply-accumulates per example."""
+    return int(sum(m * gm.get_submodule(name).weight.numel() for name, m in macs_per_weight_entry(gm).items()))
+
+
+def _epoch_record(state: _State, epoch: int, stats: dict, val_acc, seconds: float) -> dict:
+    gates = getattr(state.gm, GATES, {})
+    thetas = [g.theta.detach().float().cpu() for g in gates.values()]
+    theta = torch.cat(thetas) if thetas else torch.zeros(0)
+    removed_units, removed_sections = _removed(state)
+    seen = max(stats["seen"], 1)
+    return {
+        "epoch": epoch,
+        "loss": stats["loss"] / seen,
+        "objective": stats["objective"] / seen,
+        "train_acc": stats["correct"] / seen if stats["classified"] else None,
+        "val_acc": val_acc,
+        "params": kept_params(state.gm),
+        "macs": kept_macs(state.gm),
+        "theta_at_0": int((theta <= AT_END).sum()),
+        "theta_at_1": int((theta >= 1 - AT_END).sum()),
+        "theta_between": int(((theta > AT_END) & (theta < 1 - AT_END)).sum()),
+        "units_removed": len(removed_units),
+        "sections_removed": len(removed_sections),
+        "theta_mean": {name: float(g.theta.detach().float().mean()) for name, g in gates.items()},
+        "width": {name: g.theta.numel() for name, g in gates.items() if g.kind == "channel"},
+        "epoch_time_s": seconds,
+    }
+
+
+def _log_line(r: dict, epochs: int) -> str:
+    acc = lambda a: "-" if a is None else f"{100 * a:.2f}%"
+    return (f"epoch {r['epoch']}/{epochs}  loss {r['loss']:.4f}  acc {acc(r['train_acc'])}  "
+            f"val {acc(r['val_acc'])}  params {r['params']:,}  MACs {r['macs']:,}  "
+            f"theta 0/1/between {r['theta_at_0']}/{r['theta_at_1']}/{r['theta_between']}  "
+            f"removed {r['units_removed']} units {r['sections_removed']} sections  {r['epoch_time_s']:.1f}s")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _save(state: _State, config: FitConfig, history: list, epoch: int, path: Path, rank0: bool) -> None:
+    if rank0:
+        removed_units, removed_sections = _removed(state)
+        atomic_save({
+            "config": asdict(config),
+            "epoch": epoch,
+            "removed_units": sorted(removed_units),
+            "removed_sections": sorted(removed_sections),
+            "kept_anyway": sorted(_kept_anyway(state.gm)),
+            "model": state.gm.state_dict(),
+            "optimizer": state.opt.state_dict(),
+            "scheduler": state.sched.state_dict(),
+            "history": history,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _resume(state: _State, config: FitConfig, path: Path | None, dev, steps_per_epoch: int):
+    if path is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if not path.is_file():
+        raise FileNotFoundError(f"resume=True but there is no checkpoint at {path}; run without resume first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    stored = ckpt["config"]
+    diff = {k: (stored.get(k), v) for k, v in asdict(config).items() if stored.get(k) != v}
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with other settings (checkpoint, now): {diff}; "
+                         "resume with the same fit arguments")
+    plan = plan_of(state.gm)
+    gm = shrink_exact(state.gm, keep_gates=True, removed_units=set(ckpt["removed_units"]),
+                      removed_sections=set(ckpt["removed_sections"]) & set(plan.sections))
+    gm.meta["vpsurgery.train.kept_anyway"] = set(ckpt["kept_anyway"])
+    gm.load_state_dict(ckpt["model"])
+    state = _new_state(gm, config, steps_per_epoch, state.all_sections)
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.sched.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"]:
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return state, ckpt["history"], ckpt["epoch"]
