@@ -322,6 +322,8 @@ _MEDIUM = ("efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientne
 
 
 def cost_rank(name: str) -> int:
+    if name.startswith(("swin", "vit_", "maxvit")):  # wrap's channel analysis is slowest on these
+        return 3
     return 2 if name in _HEAVY else 1 if name in _MEDIUM else 0
 
 

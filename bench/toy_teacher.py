@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--theta-lrs", default="0.5")
     ap.add_argument("--optimizers", default="adam")
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--theta-optimizer", default="sgd")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--widths", default="16,32,64")
     a = ap.parse_args()
@@ -58,7 +59,8 @@ def main():
             a.estimators.split(","), a.optimizers.split(","), map(float, a.prices.split(",")),
             map(float, a.theta_lrs.split(",")), map(int, a.widths.split(",")), map(int, a.seeds.split(","))):
         kept, decided, mse, sec = run(width, seed, a.epochs, estimator=est, optimizer=opt, lr=a.lr,
-                                      price=price, theta_lr=tlr, prune_every=100)
+                                      price=price, theta_lr=tlr, prune_every=100,
+                                      theta_optimizer=a.theta_optimizer)
         print(f"| {est} | {opt} | {price} | {tlr} | {width} | {seed} | {kept} | {decided:.2f} | {mse:.4f} | {sec:.0f} |",
               flush=True)
 

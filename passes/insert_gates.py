@@ -30,22 +30,25 @@ def site_groups(plan: Plan, site_units) -> list[str]:
     return sorted({owner[int(u)][0] for u in site_units if int(u) in owner})
 
 
-def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphModule:
+def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0, per_example: bool = True) -> fx.GraphModule:
     """Mutates `gm` (a fresh trace): gate calls at the top, masks before mixing consumers,
-    section gates on residual branches."""
+    section gates on residual branches. Gates see the first input (for the batch size)."""
     gm.add_submodule(GATES, nn.ModuleDict())
     gm.add_submodule(MASKS, nn.ModuleDict())
     nodes = {n.name: n for n in gm.graph.nodes}
-    anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    anchor, first = placeholders[-1], placeholders[0]
 
     z = {}
     for name, group in plan.groups.items():
-        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init)
-    for name in plan.sections:
-        getattr(gm, GATES)[name] = SectionGate(init)
+        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init, per_example=per_example)
+    for name, section in plan.sections.items():
+        branch = nodes[section.add].args[section.branch_arg]
+        getattr(gm, GATES)[name] = SectionGate(init, per_example=per_example,
+                                               branch_ndim=len(branch.meta["tensor_meta"].shape))
     with gm.graph.inserting_after(anchor):
         for name in reversed(list(plan.groups) + list(plan.sections)):
-            z[name] = gm.graph.call_module(f"{GATES}.{name}")
+            z[name] = gm.graph.call_module(f"{GATES}.{name}", (first,))
 
     for name, site in plan.sites.items():
         used = site_groups(plan, site.axis.units)

@@ -539,11 +539,21 @@ def _getitem(ctx):
         return None
     shape = ctx.shape_of(src)
     index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(e, slice) and not all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step))
-           for e in index):
-        raise Unsupported("slice bounds computed at run time")
     mapping, full_index = _index_dims(index, len(shape))
-    touched = [din for din, _, e in mapping if din is not None and e != slice(None)]
+
+    def carries(d):  # does dim d of the source hold channel identity?
+        return d == lay.dim or lay.ids.shape[d] > 1
+
+    def static(e):
+        return not isinstance(e, slice) or all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step))
+
+    if any(din is not None and carries(din) and not static(e) for din, _, e in mapping):
+        raise Unsupported("slice bounds computed at run time")
+    # Dims without channel identity (size-1 ids) are indexed as a whole: their bounds may be runtime
+    # values (x[:, :, :h]) and the ids stay size 1 along them.
+    id_index = [e if (din is None or carries(din)) else (0 if isinstance(e, int) else slice(None))
+                for din, _, e in mapping]
+    touched = [din for din, _, e in mapping if din is not None and e != slice(None) and carries(din)]
     ids = ctx.space.materialize(lay, shape, dims=touched)
     new_dim = None
     for din, dout, e in mapping:
@@ -554,7 +564,7 @@ def _getitem(ctx):
                 ctx.pin(lay, "strided slice of the channel dim")
             else:
                 new_dim = dout
-    return ctx.normalize(ids[tuple(full_index)], new_dim)
+    return ctx.normalize(ids[tuple(id_index)], new_dim)
 
 
 def _getitem_rewrite(ctx):

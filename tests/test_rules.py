@@ -619,8 +619,9 @@ class Conv1dNet(nn.Module):
 def test_conv1d_batchnorm1d():
     x = torch.randn(2, 3, 16)
     gm = wrap(Conv1dNet(), x)
-    assert len(group_of(gm, "c1").units) == 8
-    assert len(group_of(gm, "c2").units) == 2
+    g = group_of(gm, "c1")  # c2 is grouped (2 groups): c1's channels go in halves with c2's groups
+    assert g is group_of(gm, "c2") and len(g.units) == 2
+    assert unit_index(gm, "c1") == [0] * 4 + [1] * 4
     check_invariant(gm, x)
 
 

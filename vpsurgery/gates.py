@@ -1,7 +1,9 @@
 """Gate modules: learnable Bernoulli probabilities theta, and the masks that apply them.
 
 A gate is called once per forward pass and returns z: in train mode a Bernoulli(theta) sample
-(with a surrogate gradient for theta, chosen by `estimator`), in eval mode theta itself. So with
+(with a surrogate gradient for theta, chosen by `estimator`), in eval mode theta itself. Samples are
+drawn per example, like dropout masks (one row per example, shape (N, size)), when wrap found the
+batch dim at every place the gate acts; otherwise one sample per minibatch. So with
 every theta at exactly 0 or 1 the gated model in eval mode is a deterministic network, the one
 `shrink` builds. Set gates by hand with `gate.set(values)` (probabilities or a hard 0/1 mask).
 """
@@ -23,19 +25,25 @@ ESTIMATORS = {"straight_through": straight_through}
 class Gate(nn.Module):
     kind = "channel"
 
-    def __init__(self, size: int, init: float = 1.0, estimator: str = "straight_through"):
+    def __init__(self, size: int, init: float = 1.0, estimator: str = "straight_through",
+                 per_example: bool = True):
         super().__init__()
         if not 0.0 <= init <= 1.0:
             raise ValueError(f"gate init must be a probability in [0, 1], got {init}")
         self.theta = nn.Parameter(torch.full((size,), float(init)))
         self.estimator = estimator
+        self.per_example = per_example
         self.fixed_sample: torch.Tensor | None = None  # set by two-pass estimators (ARM/DisARM)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """`x`: the model's first input, whose dim 0 is the batch (per-example samples)."""
         if self.fixed_sample is not None:
             return self.fixed_sample
         if self.training:
-            return ESTIMATORS[self.estimator](self.theta)
+            theta = self.theta
+            if self.per_example and x is not None:
+                theta = theta.expand(x.shape[0], -1)
+            return ESTIMATORS[self.estimator](theta)
         return self.theta
 
     @torch.no_grad()
@@ -62,11 +70,16 @@ class SectionGate(Gate):
 
     kind = "section"
 
-    def __init__(self, init: float = 1.0, estimator: str = "straight_through"):
-        super().__init__(1, init, estimator)
+    def __init__(self, init: float = 1.0, estimator: str = "straight_through", per_example: bool = True,
+                 branch_ndim: int = 4):
+        super().__init__(1, init, estimator, per_example)
+        self.branch_ndim = branch_ndim
 
-    def forward(self) -> torch.Tensor:
-        return super().forward().reshape(())
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        z = super().forward(x)
+        if z.ndim == 2:  # per example: (N, 1) -> (N, 1, ..., 1) against the branch
+            return z.reshape(z.shape[0], *[1] * (self.branch_ndim - 1))
+        return z.reshape(())
 
 
 class ChannelMask(nn.Module):
@@ -82,9 +95,13 @@ class ChannelMask(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([zs[0].new_ones(1), *zs])
         shape = [1] * x.ndim
         shape[self.dim] = -1
+        if zs[0].ndim == 2:  # per-example samples: rows are the batch (dim 0 of x)
+            table = torch.cat([zs[0].new_ones(zs[0].shape[0], 1), *zs], dim=1)
+            shape[0] = x.shape[0]
+            return x * table[:, self.index].to(x.dtype).view(shape)
+        table = torch.cat([zs[0].new_ones(1), *zs])
         return x * table[self.index].to(x.dtype).view(shape)
 
     def extra_repr(self):

@@ -14,7 +14,7 @@ from vpsurgery.passes.sections import add_residuals as _add_residuals
 from vpsurgery.passes.sections import find_sections, network_depth
 from vpsurgery.passes.shrink import PLAN_KEY, plan_of
 from vpsurgery.passes.shrink import shrink as _shrink
-from vpsurgery.passes.trace import _as_tuple, default_example, trace
+from vpsurgery.passes.trace import _as_tuple, default_example, propagate_shapes, trace
 
 
 def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
@@ -41,9 +41,31 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     if sections:
         plan.sections, skipped = find_sections(gm)
         plan.unprunable += skipped
-    insert_gates(gm, plan, theta_init)
+    insert_gates(gm, plan, theta_init, per_example=_batch_leads_everywhere(gm, plan, example_inputs))
     gm.meta[PLAN_KEY] = plan
     return gm
+
+
+def _batch_leads_everywhere(gm: fx.GraphModule, plan: Plan, example_inputs) -> bool:
+    """Per-example gate samples need dim 0 to be the batch wherever a gate acts: propagate shapes
+    at a second batch size and check which of those tensors follow it."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    acted_on = [nodes[s.node].args[s.arg] for s in plan.sites.values()] + [
+        nodes[s.add].args[s.branch_arg] for s in plan.sections.values()]
+    if not acted_on or not all(torch.is_tensor(t) and t.ndim > 0 for t in example_inputs):
+        return True
+    before = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
+    bigger = [torch.cat([t, t[:1]]) for t in example_inputs]
+    try:
+        propagate_shapes(gm, bigger)
+        after = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
+    except Exception:
+        return False  # the batch size is baked in somewhere: one sample per minibatch is safe
+    finally:
+        propagate_shapes(gm, example_inputs)
+    batch = example_inputs[0].shape[0]
+    return all(before[n][0] == batch and after[n][0] == batch + 1 and before[n][1:] == after[n][1:]
+               for n in acted_on)
 
 
 def gates(gated: fx.GraphModule) -> dict[str, Gate]:

@@ -55,6 +55,7 @@ class FitConfig:
     prune_every: int = 20
     prune_threshold: float = 0.0
     n_train: int = 0
+    theta_optimizer: str = "sgd"
 
 
 @dataclass
@@ -80,7 +81,7 @@ class _State:
 def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr: float = 0.05,
         optimizer: str = "sgd", momentum: float = 0.9, theta_lr: float = 0.5, price: float = 0.5,
         sigma1: float = 1.0, per: str = "params", prior: str = "slab", sigma0: float = 0.01,
-        estimator: str = "straight_through", prune_every: int = 20, prune_threshold: float = 0.0,
+        estimator: str = "straight_through", theta_optimizer: str = "sgd", prune_every: int = 20, prune_threshold: float = 0.0,
         n_train: int | None = None, loss_fn: Callable = F.cross_entropy, device: str = "auto",
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> FitResult:
@@ -94,6 +95,9 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr
     """
     config = _config(epochs, lr, optimizer, momentum, theta_lr, price, sigma1, per, prior, sigma0,
                      estimator, prune_every, prune_threshold, n_train, train_loader)
+    config.theta_optimizer = theta_optimizer
+    if theta_optimizer not in ("sgd", "adam"):
+        raise ValueError(f"theta_optimizer must be 'sgd' or 'adam', got {theta_optimizer!r}")
     dev = _device(device)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
@@ -156,6 +160,8 @@ def _make_optimizers(gm, config: FitConfig):
     else:
         opt = torch.optim.SGD(weights, lr=config.lr, momentum=config.momentum)
     # Projected SGD on theta: no momentum, no adaptive scaling (the objective is linear in theta).
+    if config.theta_optimizer == "adam":  # sign-like, noise-averaged steps toward the chosen vertex
+        return opt, torch.optim.Adam(thetas, lr=config.theta_lr)
     return opt, torch.optim.SGD(thetas, lr=config.theta_lr)
 
 
@@ -186,6 +192,7 @@ def _train_epoch(state: _State, loader, config: FitConfig, dev, loss_fn, epoch: 
         state.opt.step()
         state.theta_opt.step()
         state.sched.step()
+        _anneal_theta_lr(state, config)
         _project(state.gm)
         state.opt.zero_grad(set_to_none=True)
         state.theta_opt.zero_grad(set_to_none=True)
@@ -229,10 +236,13 @@ def _straight_through_step(state: _State, x, y, config, loss_fn):
 
 def _disarm_step(state: _State, x, y, config, loss_fn):
     """DisARM (Dong et al. 2020) in theta coordinates: two antithetic samples b1 = [u < theta],
-    b2 = [1 - u < theta]; unbiased for E[loss] on (0, 1). Weight gradients average both passes."""
+    b2 = [1 - u < theta]; unbiased for d E[loss] / d theta on (0, 1). With per-example gates
+    (the default wherever wrap found the batch dim) every example is its own antithetic pair, so
+    one minibatch averages N estimates instead of one. Weight gradients average both passes."""
     gates = getattr(state.gm, GATES)
     thetas = {name: g.theta.detach() for name, g in gates.items()}
-    u = {name: torch.rand_like(t) for name, t in thetas.items()}
+    rows = len(x) if all(g.per_example for g in gates.values()) else None
+    u = {n: torch.rand(((rows,) if rows else ()) + t.shape, device=t.device) for n, t in thetas.items()}
     samples = [{n: (u[n] < t).to(t.dtype) for n, t in thetas.items()},
                {n: (1 - u[n] < t).to(t.dtype) for n, t in thetas.items()}]
     losses = []
@@ -240,26 +250,36 @@ def _disarm_step(state: _State, x, y, config, loss_fn):
         for sample in samples:
             for name, g in gates.items():
                 g.fixed_sample = sample[name]
-            loss, correct = _forward_loss(state, x, y, loss_fn)
+            per_example, correct = _forward_losses(state, x, y, loss_fn)
+            loss = per_example.mean()
             reg = _regulariser(state, config)  # in both passes, so DDP sees theta used each time
             (0.5 * (loss + reg)).backward()
-            losses.append(loss.detach())
+            losses.append(per_example.detach())
     finally:
         for g in gates.values():
             g.fixed_sample = None
-    diff = losses[0] - losses[1]
+    diff = losses[0] - losses[1]  # (N,) per example, or one value per minibatch
     grads = []
     for name, t in thetas.items():
         b1, b2 = samples[0][name], samples[1][name]
-        sign = 1 - 2 * b2
-        grads.append(0.5 * diff * sign * (b1 != b2) / torch.minimum(t, 1 - t).clamp_min(1e-6))
+        d = diff.view(-1, *[1] * t.ndim) if rows else diff.mean()
+        g = 0.5 * d * (1 - 2 * b2) * (b1 != b2) / torch.minimum(t, 1 - t).clamp_min(1e-6)
+        grads.append(g.mean(0) if rows else g)
     flat = torch.cat(grads)
     if dist.is_initialized():
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
     for g, part in zip(gates.values(), flat.split([t.numel() for t in thetas.values()])):
         g.theta.grad = part.view_as(g.theta) if g.theta.grad is None else g.theta.grad + part.view_as(g.theta)
-    return 0.5 * (losses[0] + losses[1]), reg.detach(), correct  # accuracy of the second sample
+    return 0.5 * (losses[0] + losses[1]).mean(), reg.detach(), correct  # accuracy of the second sample
+
+
+def _forward_losses(state: _State, x, y, loss_fn):
+    """Per-example losses (the loss function is called with reduction='none')."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        out = state.model(x)
+    per = loss_fn(out.float(), y, reduction="none")
+    return per.reshape(len(x), -1).mean(1), _correct(out, y)
 
 
 def _check_finite(total: torch.Tensor, epoch: int, step: int) -> None:
@@ -270,6 +290,15 @@ def _check_finite(total: torch.Tensor, epoch: int, step: int) -> None:
         raise TrainingDiverged(
             f"training diverged: the loss is {float(total)} at epoch {epoch}, step {step} of the epoch; "
             "lower lr or theta_lr (the last checkpoint written before this is kept)")
+
+
+def _anneal_theta_lr(state: _State, config: FitConfig) -> None:
+    """theta's step follows the weights' cosine schedule: projected SGD converges to a vertex only
+    with a decaying step (stochastic approximation), else theta keeps diffusing with the noise."""
+    base = state.opt.param_groups[0]["initial_lr"]
+    factor = state.opt.param_groups[0]["lr"] / base if base else 1.0
+    for group in state.theta_opt.param_groups:
+        group["lr"] = config.theta_lr * factor
 
 
 @torch.no_grad()
