@@ -334,7 +334,7 @@ def cmd_compare(args) -> None:
         r = run_fit(model, bundle, args, seed, E, f"{model_name} fit")
         small = r["small"]
         vp_params, vp_flops = n_params(small), count_flops(small, x)
-        curves[model_name] = r["res"].history
+        curves[model_name] = (r["res"].history, dense_params)
         rows.append([model_name, "vpsurgery fit", f"{E}", acc(r["acc_small"]), acc(r["acc_gated"]),
                      f"{vp_params:,} ({fmt_pct(vp_params, dense_params)})", fmt_pct(vp_flops, dense_flops),
                      f"{r['time_s']:.1f}s", f"(b) fit + shrink; widths {widths_of(small)}; "
@@ -407,15 +407,15 @@ def plot_compare(curves, rows) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(5.5 * max(1, len(curves)), 3.8), squeeze=False)
-    for ax, (name, hist) in zip(axes[0], curves.items()):
+    for ax, (name, (hist, p0)) in zip(axes[0], curves.items()):
         ep = [h["epoch"] for h in hist]
         ax.plot(ep, [100 * h["val_acc"] for h in hist], "b-", label="fit val acc (gated)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("val acc %", color="b")
         ax2 = ax.twinx()
-        p0 = hist[0]["params"]
         ax2.plot(ep, [100 * h["params"] / max(p0, 1) for h in hist], "r--", label="params with theta>0")
-        ax2.set_ylabel("params kept % (of epoch 1)", color="r")
+        ax2.set_ylabel("params with theta>0, % of dense", color="r")
+        ax2.set_ylim(0, 105)
         ax.set_title(f"{name}: vpsurgery fit")
     return save_plot(fig, "method_compare.png")
 
@@ -591,7 +591,9 @@ def cmd_overhead(args) -> None:
         w = [p for n, p in gm.named_parameters() if not n.startswith(GATES + ".")]
         th = [p for n, p in gm.named_parameters() if n.startswith(GATES + ".")]
         opt_w = torch.optim.SGD(w, lr=1e-4, momentum=kw["momentum"])
-        opt_t = torch.optim.SGD(th, lr=1e-6)
+        # theta's optimizer as fit builds it (theta_optimizer when fit has that option, else SGD)
+        theta_opt = kw.get("theta_optimizer", "sgd")
+        opt_t = torch.optim.Adam(th, lr=1e-6) if theta_opt == "adam" else torch.optim.SGD(th, lr=1e-6)
 
         def sync():
             if cuda:
@@ -650,7 +652,7 @@ def cmd_overhead(args) -> None:
             f"{stamp(args)}\n\n"
             f"Step = forward + cross-entropy (+ `vpsurgery.objective(...)` with fit's price/per/prior/sigma for "
             f"the gated model, n_train {kw['n_train'] or 50_000}) + backward + SGD step on the weights (gated: "
-            f"also the theta SGD step and the [0,1] projection, i.e. fit's per-step work without data loading). "
+            f"also the theta step ({kw.get('theta_optimizer', 'sgd')}) and the [0,1] projection, i.e. fit's per-step work without data loading). "
             f"Gates sample z ~ Bernoulli(theta) in train mode with the straight-through gradient (one pass; with `estimator='disarm'` fit does two passes per step, not measured here). Synthetic "
             f"{batch}x3x{size}x{size} input, torchvision `weights=None, num_classes=10`, train mode. "
             f"{args.warmup} warm-up steps each, then {args.repeats} timed steps each, interleaved (order "

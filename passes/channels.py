@@ -30,13 +30,17 @@ class ChannelSpace:
         self.pins: dict[int, str] = {}  # id -> why it may not be removed
         self.producers: dict[int, tuple[str, str]] = {}  # id -> (module, axis) that creates it
 
+    @property
+    def size(self) -> int:
+        """How many ids have been allocated (ids are 0..size-1)."""
+        return self._next
+
     def fresh(self, shape, *, producer: tuple[str, str] | None = None) -> np.ndarray:
         n = int(np.prod(shape))
         ids = np.arange(self._next, self._next + n, dtype=np.int64).reshape(shape)
         self._next += n
-        for i in ids.ravel():
-            self._uf[int(i)]
-            if producer is not None:
+        if producer is not None:
+            for i in ids.ravel():
                 self.producers[int(i)] = producer
         return ids
 
@@ -64,7 +68,8 @@ class ChannelSpace:
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         uniq, inverse = np.unique(ids, return_inverse=True)
-        found = np.array([self._uf[int(i)] for i in uniq], dtype=np.int64)
+        parents = self._uf.parents  # ids never unioned are their own root (and not stored)
+        found = np.array([self._uf[int(i)] if int(i) in parents else int(i) for i in uniq], dtype=np.int64)
         return found[inverse].reshape(ids.shape)
 
     def normalize(self, ids: np.ndarray, prefer: int | None) -> Layout:

@@ -199,16 +199,16 @@ def analyse_channels(gm: fx.GraphModule, example: list) -> Plan:
         if len(varying) > 1:
             space.pin(ids, f"parameter {target} has channels on several dims")
 
+    # Every id's unit, resolved once: unit numbers are the roots renumbered 0..U-1 in id order.
+    root_of_id = space.roots(np.arange(space.size, dtype=np.int64))
+    roots_sorted, unit_of_id = np.unique(root_of_id, return_inverse=True)
+    unit_of_root = {int(r): u for u, r in enumerate(roots_sorted)}
     pinned_roots = {}
     for i, reason in space.pins.items():
-        pinned_roots.setdefault(space.roots(np.array([i]))[0], set()).add(reason)
-    unit_of_root: dict[int, int] = {}
+        pinned_roots.setdefault(int(root_of_id[i]), set()).add(reason)
 
     def units(ids: np.ndarray) -> np.ndarray:
-        roots = space.roots(ids)
-        flat = np.array([unit_of_root.setdefault(int(r), len(unit_of_root)) for r in roots.ravel()],
-                        dtype=np.int64)
-        return flat.reshape(ids.shape)
+        return unit_of_id[ids]
 
     def axis_of(lay, shape):
         if not isinstance(lay, Layout) or lay.dim is None:
@@ -254,7 +254,7 @@ def analyse_channels(gm: fx.GraphModule, example: list) -> Plan:
     producers_of_unit: dict[int, set[str]] = defaultdict(set)
     first_id: dict[int, int] = {}
     for i, (module, _axis) in space.producers.items():
-        u = int(units(np.array([i]))[0])
+        u = int(unit_of_id[i])
         producers_of_unit[u].add(module)
         first_id[u] = min(first_id.get(u, i), i)
     pinned_units = {unit_of_root[r] for r in pinned_roots if r in unit_of_root}

@@ -86,7 +86,13 @@ class Plan:
     removed_sections: set[str] = field(default_factory=set)
 
     def unit_group(self) -> dict[int, tuple[str, int]]:
-        return {u: (g.name, i) for g in self.groups.values() for i, u in enumerate(g.units)}
+        """unit id -> (group name, index in the group); cached, since plans are not mutated in place
+        once built (shrink makes a new, restricted plan)."""
+        key = tuple((g.name, len(g.units)) for g in self.groups.values())
+        cached = getattr(self, "_unit_group", None)
+        if cached is None or cached[0] != key:
+            self._unit_group = (key, {u: (g.name, i) for g in self.groups.values() for i, u in enumerate(g.units)})
+        return self._unit_group[1]
 
     def restrict(self, removed_units: set[int], removed_sections: set[str], gone_nodes: set[str],
                  gone_modules: set[str]) -> "Plan":

@@ -9,6 +9,8 @@ training). The result is re-shape-propagated and every node checked against the 
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 
 import numpy as np
 import torch
@@ -59,7 +61,10 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
 
     _remove_sections(gm, plan, removed_sections)
     alive = {n.name for n in gm.graph.nodes}
+    decided = set(removed_units)
     removed_units = _keep_tensors_nonempty(plan, alive, removed_units, theta)
+    for u in decided - removed_units:  # kept only so no tensor is empty: it still counts as removed,
+        theta[u] = 0.0  # so its consumers read it with zero weight (not with its sub-threshold theta)
 
     _slice_modules(gm, plan, removed_units)
     _slice_params(gm, plan, removed_units)
@@ -70,7 +75,7 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     else:
         _fold_gates(gm, plan, new_plan, removed_units, theta)
 
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -101,6 +106,73 @@ def _unit_theta(gm, plan) -> dict[int, float]:
     return out
 
 
+# ---------------------------------------------------------------------------------- dead code
+# fx's dead-code elimination treats every call_method (and most calls) as pure, so it deletes an
+# in-place op whose result is unused (`x.relu_()`, `y.mul_(s)`, `F.relu(x, inplace=True)`) although
+# later readers of x see its effect. An in-place op stays unless nothing else reads the tensor it
+# mutates (through the views and in-place ops that alias it): then it is dead with that tensor, as in
+# a removed residual branch.
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
+                 "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "contiguous", "t", "detach", "split",
+                 "chunk", "unbind", "as_strided", "movedim", "moveaxis", "swapaxes", "select", "diagonal",
+                 "unfold", "real", "imag", "view_as_real", "type_as", "to", "float", "double", "half"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
+                   torch.moveaxis, torch.swapaxes, torch.select, torch.detach, torch.t, torch.as_strided,
+                   torch.diagonal, torch.unflatten, torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+                   torch.nn.functional.dropout2d, torch.nn.functional.dropout3d}
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _is_inplace(node: fx.Node, modules) -> bool:
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):  # torch.relu_, torch.sigmoid_, ...
+            return True
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return node.kwargs.get("inplace", False) is True
+        return bound.arguments.get("inplace", False) is True
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
+
+
+def _aliases_input(node: fx.Node, modules) -> bool:
+    return _is_inplace(node, modules) or (
+        (node.op == "call_method" and node.target in _VIEW_METHODS)
+        or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        or (node.op == "call_module" and isinstance(modules.get(node.target), _VIEW_MODULES)))
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    modules = dict(gm.named_modules())
+
+    def impure(node: fx.Node) -> bool:
+        if node.is_impure():
+            return True
+        if not _is_inplace(node, modules):
+            return False
+        prev, cur = node, (node.args[0] if node.args else None)
+        while isinstance(cur, fx.Node):  # the mutated tensor and every tensor it is a view of
+            if any(u is not prev for u in cur.users):
+                return True
+            if not _aliases_input(cur, modules):
+                return False
+            prev, cur = cur, (cur.args[0] if cur.args else None)
+        return False
+
+    gm.graph.eliminate_dead_code(is_impure_node=impure)
+
+
 # ---------------------------------------------------------------------------------- sections
 def _remove_sections(gm, plan, removed_sections):
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -109,7 +181,7 @@ def _remove_sections(gm, plan, removed_sections):
         add = nodes[s.add]
         add.replace_all_uses_with(add.args[1 - s.branch_arg])
         gm.graph.erase_node(add)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
 
 
 def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:

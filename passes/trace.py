@@ -27,6 +27,7 @@ class SurgeryTracer(fx.Tracer):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
         self.scope_path: list[str] = []
+        self.failed_in: str | None = None  # the innermost module whose forward raised
 
     def is_leaf_module(self, m, qualname):
         if isinstance(m, LEAF_MODULES + self.extra_leaves):
@@ -37,6 +38,10 @@ class SurgeryTracer(fx.Tracer):
         self.scope_path.append(self.path_of_module(m) or type(m).__name__)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # record it before the unwinding pops it
+                self.failed_in = self.scope_path[-1]
+            raise
         finally:
             self.scope_path.pop()
 
@@ -70,7 +75,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # fx raises many types; all mean the same thing to a user
-        where = tracer.scope_path[-1] if tracer.scope_path else type(model).__name__
+        where = tracer.failed_in or (tracer.scope_path[-1] if tracer.scope_path else type(model).__name__)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__} (inside '{where}'): {first}. "

@@ -141,7 +141,9 @@ def test_shared_module_called_twice():
     for seed in range(4):
         random_hard_gates(gm, 0.4, seed, sections=0.5)
         shrunk = assert_invariant(gm, X, smaller=True)
-        assert shrunk.block[0].out_channels == shrunk.block[1].num_features == shrunk.block[3].in_channels
+        m = dict(shrunk.named_modules())
+        if "block.0" in m:  # both of its sections may have been removed
+            assert m["block.0"].out_channels == m["block.1"].num_features == m["block.3"].in_channels
 
 
 class InPlace(nn.Module):
@@ -208,6 +210,7 @@ def test_shrink_does_not_modify_the_gated_model():
     model = realistic_stats(SharedTwice()).eval()
     gm = vpsurgery.wrap(model, (X,))
     random_hard_gates(gm, 0.5, 0)
+    gm.eval()
     state = copy.deepcopy(gm.state_dict())
     code, structure = gm.code, _structure(gm)
     plan = copy.deepcopy(vpsurgery.plan(gm))
@@ -223,3 +226,12 @@ def test_shrink_does_not_modify_the_gated_model():
         assert [g.units for g in vpsurgery.plan(gm).groups.values()] == [g.units for g in plan.groups.values()]
         with torch.no_grad():
             assert rel_err(gm(X), ref) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="insert_gates adds the gate/mask ModuleDicts in training mode to a "
+                   "GraphModule traced in eval mode: the gates of a freshly wrapped eval model sample "
+                   "Bernoulli(theta) (passes/insert_gates.py, owned by the lead)")
+def test_wrapped_model_is_in_the_model_mode():
+    model = realistic_stats(SharedTwice()).eval()
+    gm = vpsurgery.wrap(model, (X,))
+    assert all(not m.training for m in gm.modules())

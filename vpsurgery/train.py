@@ -45,8 +45,8 @@ class FitConfig:
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
-    theta_lr: float = 0.5
-    price: float = 0.5
+    theta_lr: float = 0.01
+    price: float = 0.01
     sigma1: float = 1.0
     per: str = "params"
     prior: str = "slab"
@@ -55,7 +55,7 @@ class FitConfig:
     prune_every: int = 20
     prune_threshold: float = 0.0
     n_train: int = 0
-    theta_optimizer: str = "sgd"
+    theta_optimizer: str = "adam"
 
 
 @dataclass
@@ -79,9 +79,9 @@ class _State:
 
 
 def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr: float = 0.05,
-        optimizer: str = "sgd", momentum: float = 0.9, theta_lr: float = 0.5, price: float = 0.5,
+        optimizer: str = "sgd", momentum: float = 0.9, theta_lr: float = 0.01, price: float = 0.01,
         sigma1: float = 1.0, per: str = "params", prior: str = "slab", sigma0: float = 0.01,
-        estimator: str = "straight_through", theta_optimizer: str = "sgd", prune_every: int = 20, prune_threshold: float = 0.0,
+        estimator: str = "straight_through", theta_optimizer: str = "adam", prune_every: int = 20, prune_threshold: float = 0.0,
         n_train: int | None = None, loss_fn: Callable = F.cross_entropy, device: str = "auto",
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> FitResult:
