@@ -64,6 +64,7 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0, per_example:
             gated = gm.graph.call_function(operator.mul, (add.args[section.branch_arg], z[name]))
         add.update_arg(section.branch_arg, gated)
 
+    gm.train(gm.training)  # the new gates and masks take the model's mode (an eval model stays deterministic)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -228,9 +228,6 @@ def test_shrink_does_not_modify_the_gated_model():
             assert rel_err(gm(X), ref) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="insert_gates adds the gate/mask ModuleDicts in training mode to a "
-                   "GraphModule traced in eval mode: the gates of a freshly wrapped eval model sample "
-                   "Bernoulli(theta) (passes/insert_gates.py, owned by the lead)")
 def test_wrapped_model_is_in_the_model_mode():
     model = realistic_stats(SharedTwice()).eval()
     gm = vpsurgery.wrap(model, (X,))

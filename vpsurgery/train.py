@@ -56,6 +56,7 @@ class FitConfig:
     prune_threshold: float = 0.0
     n_train: int = 0
     theta_optimizer: str = "adam"
+    harden: float = 0.2
 
 
 @dataclass
@@ -81,7 +82,7 @@ class _State:
 def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr: float = 0.05,
         optimizer: str = "sgd", momentum: float = 0.9, theta_lr: float = 0.01, price: float = 0.01,
         sigma1: float = 1.0, per: str = "params", prior: str = "slab", sigma0: float = 0.01,
-        estimator: str = "straight_through", theta_optimizer: str = "adam", prune_every: int = 20, prune_threshold: float = 0.0,
+        estimator: str = "straight_through", theta_optimizer: str = "adam", harden: float = 0.2, prune_every: int = 20, prune_threshold: float = 0.0,
         n_train: int | None = None, loss_fn: Callable = F.cross_entropy, device: str = "auto",
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> FitResult:
@@ -96,6 +97,9 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr
     config = _config(epochs, lr, optimizer, momentum, theta_lr, price, sigma1, per, prior, sigma0,
                      estimator, prune_every, prune_threshold, n_train, train_loader)
     config.theta_optimizer = theta_optimizer
+    if not 0.0 <= harden < 1.0:
+        raise ValueError(f"harden is the share of the epochs trained with hard gates, in [0, 1); got {harden}")
+    config.harden = harden
     if theta_optimizer not in ("sgd", "adam"):
         raise ValueError(f"theta_optimizer must be 'sgd' or 'adam', got {theta_optimizer!r}")
     dev = _device(device)
@@ -110,6 +114,8 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, *, epochs: int, lr
     for epoch in range(start + 1, epochs + 1):
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        if epoch > hardening_epoch(config) and not _is_hard(state.gm):
+            state = _harden(state, config, log if rank0 else None)
         t0 = time.perf_counter()
         state, stats = _train_epoch(state, train_loader, config, dev, loss_fn, epoch, progress and rank0)
         state = _prune(state, config)
@@ -190,7 +196,8 @@ def _train_epoch(state: _State, loader, config: FitConfig, dev, loss_fn, epoch: 
         loss, reg, correct = step(state, x, y, config, loss_fn)
         _check_finite(loss + reg, epoch, step_in_epoch)
         state.opt.step()
-        state.theta_opt.step()
+        if not _is_hard(state.gm):
+            state.theta_opt.step()
         state.sched.step()
         _anneal_theta_lr(state, config)
         _project(state.gm)
@@ -325,6 +332,32 @@ def _kept_anyway(gm: fx.GraphModule) -> set[int]:
     return gm.meta.get("vpsurgery.train.kept_anyway", set())
 
 
+def hardening_epoch(config: FitConfig) -> int:
+    """The last epoch with stochastic gates; later ones train the rounded, deterministic network."""
+    return config.epochs - int(round(config.harden * config.epochs))
+
+
+def _is_hard(gm: fx.GraphModule) -> bool:
+    return bool(gm.meta.get("vpsurgery.train.hard", False))
+
+
+@torch.no_grad()
+def _harden(state: _State, config: FitConfig, log) -> _State:
+    """Round every theta (>= 0.5 -> 1, else 0), freeze it, and remove what went to 0, so the last
+    epochs fine-tune exactly the network that shrink will emit (the stochastic phase's undecided
+    thetas would otherwise be rounded only after training, at a cost in accuracy)."""
+    gates = getattr(state.gm, GATES, {})
+    thetas = torch.cat([g.theta.detach().flatten() for g in gates.values()]) if gates else torch.zeros(0)
+    decided = float(((thetas <= AT_END) | (thetas >= 1 - AT_END)).float().mean()) if len(thetas) else 1.0
+    for g in gates.values():
+        g.theta.copy_((g.theta >= 0.5).to(g.theta.dtype))
+    state.gm.meta["vpsurgery.train.hard"] = True
+    state.gm.meta["vpsurgery.train.decided_before_hardening"] = decided
+    if log is not None:
+        log(f"hardening: {100 * decided:.1f}% of theta had reached 0 or 1; the rest rounded and frozen")
+    return _prune(state, config)
+
+
 def _prune(state: _State, config: FitConfig) -> _State:
     units, sections = _prune_decision(state.gm, config.prune_threshold)
     if dist.is_initialized():  # theta is identical on every rank; make the decision identical too
@@ -420,6 +453,8 @@ def _epoch_record(state: _State, epoch: int, stats: dict, val_acc, seconds: floa
         "theta_at_0": int((theta <= AT_END).sum()),
         "theta_at_1": int((theta >= 1 - AT_END).sum()),
         "theta_between": int(((theta > AT_END) & (theta < 1 - AT_END)).sum()),
+        "hard_gates": _is_hard(state.gm),
+        "decided_before_hardening": state.gm.meta.get("vpsurgery.train.decided_before_hardening"),
         "units_removed": len(removed_units),
         "sections_removed": len(removed_sections),
         "theta_mean": {name: float(g.theta.detach().float().mean()) for name, g in gates.items()},
