@@ -25,7 +25,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import vpsurgery  # noqa: E402
+from common import write_atomic  # noqa: E402
 from vpsurgery.data import load_data  # noqa: E402
 from vpsurgery.models import get_model  # noqa: E402
 from vpsurgery.objective import objective  # noqa: E402
@@ -177,18 +177,6 @@ def rng(values, f=lambda v: f"{v:.3g}") -> str:
 
 
 # ---------------------------------------------------------------------------------- BENCHMARKS.md
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 SUBS = ["intro", "compare", "robustness", "cost", "overhead"]
 
 

@@ -7,10 +7,11 @@ import os
 import platform
 import re
 import signal
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from vpsurgery.io import atomic_write_bytes
 
 import torch
 
@@ -154,15 +155,7 @@ def today() -> str:
 def write_atomic(path: Path | str, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def replace_section(path: Path | str, key: str, heading: str, body: str) -> None:
