@@ -14,6 +14,7 @@ to the mean minibatch loss.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -147,10 +148,16 @@ def objective(gm: fx.GraphModule, n_train: int, *, price: float = 0.5, sigma1: f
     total = theta.new_zeros(())
     for e in _index(gm, device):
         w = params[e.qualname]
+        # Sum the squared weights over the dims no gate governs first: the theta products then
+        # touch one entry per (gated position, gated position), not every kernel entry.
+        gated = {d for d, _ in e.axes}
+        other = [d for d in range(w.ndim) if d not in gated]
+        sq = w.float().pow(2)
+        sq = sq.sum(dim=other, keepdim=True) if other else sq
+        per_position = math.prod(w.shape[d] for d in other)
         act = active_probability(theta, e, w.ndim)
         price_e = price * (e.macs_per_entry if per == "flops" else 1.0)
-        sq = w.float().pow(2)
-        term = act * (sq / (2 * sigma1 ** 2) + price_e)
+        term = act * (sq / (2 * sigma1 ** 2) + price_e * per_position)
         if prior == "spike_and_slab":
             term = term + (1 - act) * sq / (2 * sigma0 ** 2)
         total = total + term.sum()
