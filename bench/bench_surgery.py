@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import statistics
 import sys
 import time
@@ -71,17 +70,7 @@ def vps_once(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     gm = vpsurgery.wrap(m, (x,))
     t1 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
-    off = total = 0
-    for gate in vpsurgery.gates(gm).values():
-        if gate.kind != "channel":
-            continue
-        n = gate.theta.numel()
-        k = min(math.ceil(RATIO * n), n - 1)
-        mask = torch.ones(n)
-        mask[torch.randperm(n, generator=g)[:k]] = 0.0
-        gate.set(mask)
-        off, total = off + k, total + n
+    off, total = common.zero_channel_units(vpsurgery.gates(gm), RATIO, torch.Generator().manual_seed(seed))
     t2 = time.perf_counter()
     small = vpsurgery.shrink(gm)
     t3 = time.perf_counter()

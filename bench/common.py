@@ -175,3 +175,23 @@ def replace_section(path: Path | str, key: str, heading: str, body: str) -> None
 
 def md_escape(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def zero_channel_units(gates: dict, ratio: float, generator) -> tuple[int, int]:
+    """Hard-zero ceil(ratio * n) random units of every channel gate, at most n - 1 (a group never
+    vanishes, so the output stays a function of the input). Returns (units zeroed, units)."""
+    import math
+
+    import torch
+
+    zeroed = total = 0
+    for gate in gates.values():
+        if gate.kind != "channel":
+            continue
+        n = gate.theta.numel()
+        k = min(math.ceil(ratio * n), n - 1)
+        mask = torch.ones(n)
+        mask[torch.randperm(n, generator=generator)[:k]] = 0.0
+        gate.set(mask)
+        zeroed, total = zeroed + k, total + n
+    return zeroed, total

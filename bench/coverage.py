@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -72,18 +71,8 @@ def random_assignment(gates: dict, seed: int) -> tuple[int, int, int, int]:
     of them zeroed (at least one when there are any). Returns (units zeroed, units, sections
     zeroed, sections)."""
     g = torch.Generator().manual_seed(seed)
-    zeroed = total = 0
     sections = [k for k, gate in gates.items() if gate.kind == "section"]
-    for name, gate in gates.items():
-        if gate.kind != "channel":
-            continue
-        n = gate.theta.numel()
-        k = min(math.ceil(CHANNEL_DROP * n), n - 1)
-        mask = torch.ones(n)
-        mask[torch.randperm(n, generator=g)[:k]] = 0.0
-        gate.set(mask)
-        zeroed += k
-        total += n
+    zeroed, total = common.zero_channel_units(gates, CHANNEL_DROP, g)
     s_off = max(1, round(SECTION_DROP * len(sections))) if sections else 0
     off = set(sections[i] for i in torch.randperm(len(sections), generator=g)[:s_off].tolist())
     for name in sections:
