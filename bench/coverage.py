@@ -114,7 +114,7 @@ def run_one(name: str, seed: int = 0) -> dict:
     r["share"] = float(plan.prunable_share)
     r["sections"] = len(plan.sections)
     r["unprunable"] = Counter(u.reason for u in plan.unprunable).most_common()
-    r["depth0"] = network_depth(gm)
+    r["depth0"] = plan.depth
     with torch.no_grad():
         r["identity_err"] = rel_err(gm(x), ref0)
 

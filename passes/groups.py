@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .channels import ChannelSpace, Layout
 from .plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
-from .rules import Unsupported, lookup
+from .rules import MODULE_RULES, CallArgs, Unsupported, lookup
 
 MAX_PARAM_IDS = 1 << 21  # a parameter combined elementwise gets one id per element; cap the cost
 
@@ -31,29 +31,12 @@ def describe(node: fx.Node, modules) -> str:
     return f"method Tensor.{node.target}"
 
 
-class RuleContext:
+class RuleContext(CallArgs):
     """What a rule sees: its node's arguments, their layouts and shapes, and the channel space."""
 
     def __init__(self, walker: "ChannelWalker", node: fx.Node):
         self.w, self.node, self.space = walker, node, walker.space
         self.module = walker.modules.get(node.target) if node.op == "call_module" else None
-
-    # arguments ------------------------------------------------------------
-    def arg(self, i: int, name: str | None = None, default=None):
-        if i < len(self.node.args):
-            return self.node.args[i]
-        if name is not None and name in self.node.kwargs:
-            return self.node.kwargs[name]
-        return default
-
-    def varargs(self, start: int, name: str):
-        """Sizes/dims given either as *args or as one tuple (x.view(a, b) vs x.view((a, b)))."""
-        rest = self.node.args[start:]
-        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-            return list(rest[0])
-        if not rest and name in self.node.kwargs:
-            return list(self.node.kwargs[name])
-        return list(rest)
 
     def tensor_args(self):
         values = [a for a in self.node.args if self.is_tensor(a)]
@@ -311,8 +294,6 @@ def _unique(name: str, taken) -> str:
 def _unit_costs(gm, modules, module_axes, node_axes):
     """Parameters and MACs removed with each unit (first order: a weight entry whose in and out
     channel both go is counted twice, as in every L0-style size penalty)."""
-    from .rules import MODULE_RULES
-
     params: dict[int, float] = defaultdict(float)
     macs: dict[int, float] = defaultdict(float)
     for name, axes in module_axes.items():

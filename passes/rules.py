@@ -43,6 +43,29 @@ class Rule:
     fold_input: Callable[[nn.Module, torch.Tensor], None] | None = None
 
 
+class CallArgs:
+    """A call node's arguments as its op's signature names them: what both a rule's analysis
+    context and its rewrite context read."""
+
+    node = None  # the fx.Node, set by the subclass
+
+    def arg(self, i: int, name: str | None = None, default=None):
+        if i < len(self.node.args):
+            return self.node.args[i]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def varargs(self, start: int, name: str):
+        """Sizes/dims given either as *args or as one tuple (x.view(a, b) vs x.view((a, b)))."""
+        rest = self.node.args[start:]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            return list(rest[0])
+        if not rest and name in self.node.kwargs:
+            return list(self.node.kwargs[name])
+        return list(rest)
+
+
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Callable, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
@@ -108,7 +131,6 @@ def _conv_analyse(ctx, spatial: int):
     cdim = len(shape) - spatial - 1
     inp = ctx.axis("in", m.in_channels)
     out = ctx.axis("out", m.out_channels, producer=True)
-    transposed = getattr(m, "transposed", False)
     ctx.space.union(along(ctx, x, cdim), inp)
     g = m.groups
     if g > 1:
@@ -119,7 +141,6 @@ def _conv_analyse(ctx, spatial: int):
             ctx.space.union_all(np.concatenate([inp[j * cin:(j + 1) * cin], out[j * cout:(j + 1) * cout]]))
     else:
         ctx.consume(0, cdim)
-    del transposed
     return channel_layout(out, len(ctx.out_shape), cdim)
 
 

@@ -130,7 +130,7 @@ def network_depth(gm: fx.GraphModule) -> int:
 # ------------------------------------------------------------------------------ plain networks
 def _is_unary_tail(node: fx.Node, modules) -> bool:
     """BN, activations, dropout: ops that follow a layer channel by channel."""
-    from .rules import _same, _per_channel_analyse, lookup  # the rule table decides what is elementwise
+    from .rules import _same, lookup  # the rule table decides what is elementwise
 
     rule = lookup(node, modules)
     if rule is None:

@@ -20,7 +20,8 @@ import torch.nn as nn
 from .groups import is_tensor_meta, tensor_meta
 from .insert_gates import GATES, MASKS, mask_index, site_groups
 from .plan import Axis, Plan
-from .rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, lookup
+from .sections import network_depth
+from .rules import MODULE_RULES, CallArgs, lookup
 from .trace import propagate_shapes
 
 PLAN_KEY = "vpsurgery.plan"
@@ -90,8 +91,6 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
         new_plan.sites = {k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})}
         new_plan.groups = {k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})}
     _check_shapes(gm, plan, removed_units)
-    from .sections import network_depth
-
     new_plan.depth = network_depth(gm)
     gm.meta[PLAN_KEY] = new_plan
     return gm
@@ -270,24 +269,11 @@ def _new_shape(plan, name, old_shape, removed, index=None):
     return shape
 
 
-class RewriteContext:
+class RewriteContext(CallArgs):
     """What a rule's `rewrite` sees: old and new shapes, kept positions, and edits to its node."""
 
     def __init__(self, gm, plan, node, removed):
         self.gm, self.plan, self.node, self.removed = gm, plan, node, removed
-
-    def arg(self, i, name=None, default=None):
-        if i < len(self.node.args):
-            return self.node.args[i]
-        return self.node.kwargs.get(name, default) if name else default
-
-    def varargs(self, start, name):
-        rest = self.node.args[start:]
-        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-            return list(rest[0])
-        if not rest and name in self.node.kwargs:
-            return list(self.node.kwargs[name])
-        return list(rest)
 
     def set_varargs(self, start, values):
         rest = self.node.args[start:]
@@ -369,9 +355,10 @@ def _rewrite_calls(gm, plan, removed):
 def _fold_gates(gm, plan, new_plan, removed, theta):
     """Drop gates and masks, folding each kept unit's theta into the weights that read it."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    mask_nodes = _nodes_calling(gm, MASKS)
     folded = set()
     for name, site in plan.sites.items():
-        mask = next((n for n in nodes.values() if n.op == "call_module" and n.target == f"{MASKS}.{name}"), None)
+        mask = mask_nodes.get(name)
         if mask is None:
             continue
         consumer = nodes[site.node]
@@ -400,12 +387,16 @@ def _fold_gates(gm, plan, new_plan, removed, theta):
     gm.delete_submodule(MASKS)
 
 
+def _nodes_calling(gm, container: str) -> dict[str, fx.Node]:
+    """The call nodes of the gate or mask container, by gate/mask name."""
+    return {n.target.split(".", 1)[1]: n for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.startswith(container + ".")}
+
+
 def _slice_gates(gm, plan, new_plan, removed):
     """Keep training: gates keep the theta of their surviving units; masks are re-indexed."""
     gates, masks = getattr(gm, GATES), getattr(gm, MASKS)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    gate_node = {n.target.split(".", 1)[1]: n for n in nodes.values()
-                 if n.op == "call_module" and n.target.startswith(GATES + ".")}
+    gate_node, mask_nodes = _nodes_calling(gm, GATES), _nodes_calling(gm, MASKS)
     for g in plan.groups.values():
         keep = [i for i, u in enumerate(g.units) if u not in removed]
         if len(keep) == len(g.units):
@@ -415,7 +406,7 @@ def _slice_gates(gm, plan, new_plan, removed):
             old.theta = nn.Parameter(old.theta.detach()[keep].clone())
             gm.meta[SLICES_KEY][f"{GATES}.{g.name}.theta"] = {0: torch.as_tensor(keep)}
     for name, site in plan.sites.items():
-        mask = next((n for n in nodes.values() if n.op == "call_module" and n.target == f"{MASKS}.{name}"), None)
+        mask = mask_nodes.get(name)
         if mask is None:
             continue
         units = site.axis.restrict(removed).units
@@ -428,18 +419,15 @@ def _slice_gates(gm, plan, new_plan, removed):
         masks[name] = type(masks[name])(mask_index(new_plan, units, used).to(masks[name].index.device),
                                         site.axis.dim)
         mask.args = (mask.args[0], *[gate_node[g] for g in used])
-    for g in plan.groups.values():
-        if g.name not in new_plan.groups and g.name in gate_node:
-            node = gate_node[g.name]
-            if not node.users:
-                gm.graph.erase_node(node)
-            del gates[g.name]
-    for name in plan.sections:
-        if name not in new_plan.sections and name in gates:
-            node = gate_node.get(name)
-            if node is not None and node.op != "" and not node.users and node.graph is gm.graph:
-                gm.graph.erase_node(node)
-            del gates[name]
+    gone = [g for g in plan.groups if g not in new_plan.groups] + [
+        s for s in plan.sections if s not in new_plan.sections]
+    for name in gone:
+        if name not in gates:
+            continue
+        node = gate_node.get(name)  # removed sections' gate calls may already be dead-code-eliminated
+        if node is not None and not node.users:
+            gm.graph.erase_node(node)
+        del gates[name]
 
 
 # ---------------------------------------------------------------------------------- check
