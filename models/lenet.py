@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from .registry import register
+
 
 def _scaled(n: int, width: float) -> int:
     """Channel/feature count `n` times the width multiplier, rounded, never below 1."""
@@ -11,6 +13,7 @@ def _scaled(n: int, width: float) -> int:
     return max(1, round(n * width))
 
 
+@register(name="lenet300_100", input_shape=(1, 784), dataset="MNIST", reference="LeCun et al. 1998")
 class LeNet300100(nn.Module):
     """Fully connected 784-300-100-classes with ReLU.
 
@@ -33,6 +36,7 @@ class LeNet300100(nn.Module):
         return self.fc3(x)
 
 
+@register(name="lenet5", input_shape=(1, 1, 28, 28), dataset="MNIST", reference="LeCun et al. 1998 (Caffe variant)")
 class LeNet5(nn.Module):
     """Caffe's LeNet: conv20 5x5 - pool - conv50 5x5 - pool - fc500 - ReLU - fc.
 

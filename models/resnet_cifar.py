@@ -6,6 +6,8 @@ Shortcuts are option B: a 1x1 conv + BN projection where the shape changes, iden
 import torch
 from torch import nn
 
+from .registry import register
+
 
 def _scaled(n: int, width: float) -> int:
     """Channel count `n` times the width multiplier, rounded, never below 1."""
@@ -79,27 +81,35 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
+_cifar = register(input_shape=(1, 3, 32, 32), dataset="CIFAR-10", reference="He et al. 2016")
+
+
 def _resnet(depth: int, num_classes: int, width: float) -> CifarResNet:
     if (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     return CifarResNet((depth - 2) // 6, num_classes=num_classes, width=width)
 
 
+@_cifar
 def resnet20(num_classes: int = 10, width: float = 1.0) -> CifarResNet:
     return _resnet(20, num_classes, width)
 
 
+@_cifar
 def resnet32(num_classes: int = 10, width: float = 1.0) -> CifarResNet:
     return _resnet(32, num_classes, width)
 
 
+@_cifar
 def resnet44(num_classes: int = 10, width: float = 1.0) -> CifarResNet:
     return _resnet(44, num_classes, width)
 
 
+@_cifar
 def resnet56(num_classes: int = 10, width: float = 1.0) -> CifarResNet:
     return _resnet(56, num_classes, width)
 
 
+@_cifar
 def resnet110(num_classes: int = 10, width: float = 1.0) -> CifarResNet:
     return _resnet(110, num_classes, width)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from .registry import register
+
 # Output channels of each 3x3 conv; "M" is a 2x2 max-pool.
 VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -65,6 +67,7 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
+@register(input_shape=(1, 3, 32, 32), dataset="CIFAR-10", reference="Simonyan & Zisserman 2015 (CIFAR variant)")
 def vgg16(num_classes: int = 10, width: float = 1.0) -> VGG:
     """VGG-16-BN for 32x32 inputs (13 convs, 2 linear layers)."""
     return VGG(VGG16_CFG, num_classes=num_classes, width=width)

@@ -119,3 +119,17 @@ def test_width_multiplier_scales_layers():
 def test_width_must_be_positive():
     with pytest.raises(ValueError, match="width"):
         get_model("resnet20", width=0)
+
+
+def test_registry_metadata_sits_beside_each_builder():
+    from vpsurgery.models import model_info
+    from vpsurgery.models.registry import register
+
+    info = model_info("lenet5")
+    assert info.input_shape == (1, 1, 28, 28) and info.dataset == "MNIST"
+    assert default_input_shape("resnet56") == (1, 3, 32, 32)
+    assert isinstance(MODELS["vgg16"](num_classes=3), torch.nn.Module)
+    with pytest.raises(ValueError, match="registered twice"):
+        register(name="lenet5", input_shape=(1, 1), dataset="x", reference="y")(lambda: None)
+    with pytest.raises(KeyError, match="valid names"):
+        model_info("nope")

@@ -124,7 +124,7 @@ def _resolve(spec: ModelSpec) -> Callable[..., nn.Module]:
 
         if spec.name not in MODELS:
             raise SpecError(f"unknown vpsurgery model {spec.name!r}; choose one of: {', '.join(MODELS)}")
-        return MODELS[spec.name]
+        return MODELS[spec.name].builder
     if spec.source == "torchvision":
         return _torchvision_builder(spec.name)
     return _user_factory(spec.source, spec.name)
