@@ -21,12 +21,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from vpsurgery.config import PER, PRIORS, default
 from vpsurgery.passes.insert_gates import GATES
 from vpsurgery.passes.rules import MODULE_RULES
 from vpsurgery.passes.shrink import plan_of
 
-PRIORS = ("slab", "spike_and_slab")
-PER = ("params", "flops")
 _CACHE_KEY = "vpsurgery.objective_index"
 
 
@@ -127,9 +126,11 @@ def active_probability(theta: torch.Tensor, entry: _Entry, ndim: int) -> torch.T
     return act
 
 
-def objective(gm: fx.GraphModule, n_train: int, *, price: float = 0.5, sigma1: float = 1.0,
-              per: str = "params", prior: str = "slab", sigma0: float = 0.01) -> torch.Tensor:
+def objective(gm: fx.GraphModule, n_train: int, *, price: float = default("price"),
+              sigma1: float = default("sigma1"), per: str = default("per"), prior: str = default("prior"),
+              sigma0: float = default("sigma0")) -> torch.Tensor:
     """The regulariser per training example, R / n_train (add it to the mean minibatch loss).
+The defaults are fit's (vpsurgery.config.FitConfig).
 
     price: nats per kept parameter (per='params') or per kept MAC per example (per='flops');
     sigma1: slab standard deviation (weight decay 1/(n_train sigma1^2) on active weights);
