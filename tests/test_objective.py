@@ -102,3 +102,25 @@ def test_bad_arguments(kwargs, message):
     args = {"n_train": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         objective(gm, args.pop("n_train"), **args)
+
+
+@pytest.mark.parametrize("per", ["params", "flops"])
+def test_expected_cost_is_the_shrunk_networks_cost_at_hard_gates(per):
+    from vpsurgery.objective import expected_cost, macs_per_weight_entry
+
+    def cost(m):
+        if per == "params":
+            return sum(p.numel() for n, p in m.named_parameters() if not n.startswith("vps_"))
+        return sum(k * m.get_submodule(n).weight.numel() for n, k in macs_per_weight_entry(m).items())
+
+    torch.manual_seed(0)
+    gm = vpsurgery.wrap(get_model("resnet20", width=0.5), torch.randn(2, 3, 16, 16))
+    assert float(expected_cost(gm, per).detach()) == pytest.approx(cost(gm))  # theta = 1: the dense network
+    gen = torch.Generator().manual_seed(1)
+    for gate in vpsurgery.gates(gm).values():
+        gate.set((torch.rand(gate.theta.shape, generator=gen) > 0.4).float())
+    small = vpsurgery.shrink(gm)
+    assert float(expected_cost(gm, per).detach()) == pytest.approx(cost(small), rel=1e-6)
+    theta = torch.rand(sum(g.theta.numel() for g in vpsurgery.gates(gm).values()) + 1, requires_grad=True)
+    expected_cost(gm, per, theta).backward()
+    assert theta.grad is not None and theta.grad[1:].abs().sum() > 0

@@ -143,24 +143,45 @@ The defaults are fit's (vpsurgery.config.FitConfig).
         raise ValueError(f"per must be one of {PER}, got {per!r}")
     if n_train <= 0:
         raise ValueError(f"n_train must be the (positive) number of training examples, got {n_train}")
+    slab, spike, cost = _sums(gm, per, with_weights=True, spike=prior == "spike_and_slab")
+    total = slab / (2 * sigma1 ** 2) + price * cost
+    if prior == "spike_and_slab":
+        total = total + spike / (2 * sigma0 ** 2)
+    return total / n_train
+
+
+def expected_cost(gm: fx.GraphModule, per: str = "params", theta: torch.Tensor | None = None) -> torch.Tensor:
+    """E[kept parameters] (per='params') or E[kept conv/linear MACs per example] (per='flops') under
+    the gates, sum_e a_e cost_e; differentiable in theta. With every theta at 0 or 1 it is the cost of
+    the network shrink emits. `theta`: a flat theta (see flat_theta) to evaluate instead of the gates'."""
+    if per not in PER:
+        raise ValueError(f"per must be one of {PER}, got {per!r}")
+    return _sums(gm, per, with_weights=False, theta=theta)[2]
+
+
+def _sums(gm, per, *, with_weights, spike=False, theta=None):
+    """One pass over the parameters: (sum_e a_e w_e^2, sum_e (1 - a_e) w_e^2, sum_e a_e cost_e)."""
     params = dict(gm.named_parameters())
     device = next(iter(params.values())).device
-    theta = flat_theta(gm)
-    total = theta.new_zeros(())
+    theta = flat_theta(gm) if theta is None else theta
+    slab = spikes = cost = theta.new_zeros(())
     for e in _index(gm, device):
         w = params[e.qualname]
-        # Sum the squared weights over the dims no gate governs first: the theta products then
-        # touch one entry per (gated position, gated position), not every kernel entry.
+        # Sum over the dims no gate governs first: the theta products then touch one entry per
+        # (gated position, gated position), not every kernel entry.
         gated = {d for d, _ in e.axes}
         other = [d for d in range(w.ndim) if d not in gated]
-        sq = w.float().pow(2)
-        sq = sq.sum(dim=other, keepdim=True) if other else sq
         per_position = math.prod(w.shape[d] for d in other)
         act = active_probability(theta, e, w.ndim)
-        price_e = price * (e.macs_per_entry if per == "flops" else 1.0)
-        term = act * (sq / (2 * sigma1 ** 2) + price_e * per_position)
-        if prior == "spike_and_slab":
-            term = term + (1 - act) * sq / (2 * sigma0 ** 2)
-        total = total + term.sum()
-    return total / n_train
+        entry_cost = (e.macs_per_entry if per == "flops" else 1.0) * per_position
+        if entry_cost:
+            kept = act.expand([w.shape[d] if d in gated else 1 for d in range(w.ndim)])
+            cost = cost + entry_cost * kept.sum()
+        if with_weights:
+            sq = w.float().pow(2)
+            sq = sq.sum(dim=other, keepdim=True) if other else sq
+            slab = slab + (act * sq).sum()
+            if spike:
+                spikes = spikes + ((1 - act) * sq).sum()
+    return slab, spikes, cost
 
