@@ -159,6 +159,21 @@ def expected_cost(gm: fx.GraphModule, per: str = "params", theta: torch.Tensor |
     return _sums(gm, per, with_weights=False, theta=theta)[2]
 
 
+def weight_mass(gm: fx.GraphModule, theta: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_e a_e w_e^2: the squared weights expected to be kept."""
+    return _sums(gm, "params", with_weights=True, theta=theta)[0]
+
+
+def set_flat_theta(gm: fx.GraphModule, theta: torch.Tensor) -> None:
+    """Write a flat theta (see flat_theta) back into the gates."""
+    gates, offset = getattr(gm, GATES, {}), 1
+    with torch.no_grad():
+        for name in _gate_order(gm):
+            t = gates[name].theta
+            t.copy_(theta[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+
+
 def _sums(gm, per, *, with_weights, spike=False, theta=None):
     """One pass over the parameters: (sum_e a_e w_e^2, sum_e (1 - a_e) w_e^2, sum_e a_e cost_e)."""
     params = dict(gm.named_parameters())
