@@ -27,7 +27,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(rank)  # different gate samples per rank: theta must still agree
+        torch.manual_seed(rank)  # fit reseeds per (seed, epoch, rank): gate samples differ, theta must agree
         model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1))
         torch.manual_seed(0)
         gated = vpsurgery.wrap(model, torch.randn(2, 10))

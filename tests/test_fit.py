@@ -1,5 +1,6 @@
 """fit: prunes to the known answer, shrinks exactly mid-training, slices optimizer state, resumes,
-and stops cleanly on divergence."""
+stops cleanly on divergence and on bad data, and refuses what it cannot train (tests/test_resume.py:
+resume in depth)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vpsurgery
 from vpsurgery.passes.shrink import SLICES_KEY
-from vpsurgery.train import CHECKPOINT, FitConfig, TrainingDiverged, _new_state, _prune, fit
+from vpsurgery.train import (CHECKPOINT, FitConfig, NonFiniteInput, TrainingDiverged, _new_state, _project, _prune,
+                             fit)
 
 TEACHER_WIDTH = 4
 
@@ -94,6 +96,28 @@ def test_shrinking_mid_training_keeps_the_deterministic_network_and_slices_momen
     one_step(state, data)  # the rebuilt optimizer trains the new parameters
 
 
+def test_shrinking_mid_training_carries_the_theta_optimizer_sliced():
+    """Adam on theta keeps its moments (sliced like theta) and its step count through a shrink."""
+    gm, data = student(), teacher_data(256)
+    config = FitConfig(epochs=1, n_train=256)
+    state = _new_state(gm, config, steps_per_epoch=4, all_sections=set())
+    for _ in range(3):
+        x, y = data.tensors
+        F.mse_loss(state.model(x), y).backward()
+        state.theta_opt.step()
+        state.theta_opt.zero_grad()
+        _project(state.gm)
+    old = dict(state.theta_opt.state[vpsurgery.gates(state.gm)["0"].theta])
+    off = [1, 5]
+    vpsurgery.gates(state.gm)["0"].set(torch.tensor([0.0 if i in off else 1.0 for i in range(32)]))
+    state = _prune(state, config)
+    new = state.theta_opt.state[vpsurgery.gates(state.gm)["0"].theta]
+    kept = [i for i in range(32) if i not in off]
+    assert float(new["step"]) == float(old["step"]) == 3.0
+    assert torch.equal(new["exp_avg"], old["exp_avg"][kept])
+    assert torch.equal(new["exp_avg_sq"], old["exp_avg_sq"][kept])
+
+
 class Interrupted(Exception):
     pass
 
@@ -133,10 +157,43 @@ class PoisonedLoader:
             yield (x if self.epochs == 1 else x * float("nan")), y
 
 
-def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match="epoch 2, step 0"):
+def test_nan_inputs_are_reported_as_bad_data_and_keep_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteInput, match="the input batch contains NaN/inf at epoch 2 step 0; clean the data"):
         fit(student(), PoisonedLoader(teacher_data(256)), epochs=3, checkpoint_dir=tmp_path, **QUIET)
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary files left behind
+
+
+def test_nan_loss_on_clean_data_is_a_divergence(tmp_path):
+    calls = []
+
+    def exploding(out, y):  # finite for the first epoch (4 steps), then infinite
+        calls.append(1)
+        return F.mse_loss(out, y) * (1.0 if len(calls) <= 4 else float("inf"))
+
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 0"):
+        fit(student(), DataLoader(teacher_data(256), batch_size=64), epochs=3, checkpoint_dir=tmp_path,
+            **{**QUIET, "loss_fn": exploding})
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["epoch"] == 1
+
+
+def test_a_model_without_gates_is_refused_with_the_fix():
+    net = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1))
+    ungated = vpsurgery.wrap(net, torch.randn(2, 10), channels=False, sections=False)
+    with pytest.raises(ValueError, match="has no gates.*wrap with channels=True"):
+        fit(ungated, loader(64), epochs=1, **QUIET)
+    with pytest.raises(ValueError, match="vpsurgery.wrap"):
+        fit(net, loader(64), epochs=1, **QUIET)
+
+
+@pytest.mark.parametrize("n, drop_last, message", [
+    (0, False, "the training set is empty"),
+    (10, True, r"yields no batch \(10 examples, batch_size 64, drop_last=True\); use a smaller batch size"),
+])
+def test_a_loader_without_batches_is_refused(n, drop_last, message):
+    data = DataLoader(teacher_data(10), batch_size=64, drop_last=drop_last) if n else \
+        DataLoader(TensorDataset(torch.zeros(0, 10), torch.zeros(0, 1)), batch_size=64)
+    with pytest.raises(ValueError, match=message):
+        fit(student(), data, epochs=1, **QUIET)

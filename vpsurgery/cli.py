@@ -62,7 +62,7 @@ SPEC_FORMS_TEXT = "vpsurgery:NAME, torchvision:NAME or package.module:factory"
 # fit() arguments the CLI sets itself; every other keyword argument of fit with a plain default
 # becomes a --option of `compress`.
 _FIT_OWNED = {"gated", "train_loader", "val_loader", "epochs", "lr", "optimizer", "device", "checkpoint_dir",
-              "resume", "progress", "log"}
+              "resume", "progress", "log", "seed"}
 
 
 class CLIError(Exception):
@@ -352,7 +352,7 @@ def train(gated, inputs: Inputs, args, out: Path):
     train_loader, val_loader = _loaders(inputs, args)
     try:
         return fit(gated, train_loader, val_loader, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                   device=args.device, checkpoint_dir=out / CHECKPOINTS, resume=args.resume,
+                   device=args.device, checkpoint_dir=out / CHECKPOINTS, resume=args.resume, seed=args.seed,
                    progress=not args.no_progress, log=log, **_fit_kwargs(args))
     except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
         if isinstance(exc, TrainingDiverged):
