@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from vpsurgery.models import get_model
 MODEL = "vpsurgery:lenet5:width=0.25"
 FAST = ["--epochs", "1", "--batch-size", "256", "--repeats", "3", "--no-progress"]
 RUN_FILES = ("model.pt2", "model.onnx", "dense.onnx", "weights.pt", "kept_map.json", "report.json", "report.md",
-             "plots/theta.png", "plots/widths.png", "plots/accuracy_flops.png", "checkpoints/last.pt")
+             "plots/theta.png", "plots/widths.png", "plots/accuracy_flops.png", "config.json", "manifest.json")
 
 
 def vps(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -61,6 +64,10 @@ def test_compress_writes_the_run_dir(run):
     for name in RUN_FILES:
         assert (out / name).is_file(), name
     assert not [p.name for p in out.rglob("*") if ".tmp" in p.name]  # every file went through temp + rename
+    # the training checkpoint is deleted once the run is complete; the build directory is gone
+    assert not (out / "checkpoints").exists() and not (out.parent / "run.partial").exists()
+    assert sorted(json.loads((out / "manifest.json").read_text())["files"]) == sorted(RUN_FILES[:-1])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dense.pt", "run"]
     assert digest(checkpoint) == before  # the input file is never modified
     report = json.loads((out / "report.json").read_text())
     assert report["input_shape"] == [1, 1, 28, 28]
@@ -129,19 +136,6 @@ def test_inspect_run_and_model(run):
     proc = vps("inspect", "vpsurgery:resnet20:width=0.25")
     assert "residual sections" in proc.stdout and "layer3.2.conv2" in proc.stdout and "FLOPs" in proc.stdout
     assert "unprunable" in proc.stdout and "reaches the model output" in proc.stdout
-
-
-def test_resume(run, tmp_path, capsys):
-    out, checkpoint = tmp_path / "run", run[1]
-    shutil.copytree(run[0], out)
-    args = ["compress", MODEL, "--data", "digits", "--checkpoint", str(checkpoint), "--out", str(out), *FAST]
-    # other settings than the interrupted run: refused before any work
-    assert "repeat the original arguments" in fails(capsys, *args, "--epochs", "3", "--resume")
-    (out / "report.json").unlink()
-    # same settings: training continues after the last checkpointed epoch (here: none left)
-    proc = vps(*args, "--resume", "--repeats", "0")
-    history = json.loads((out / "report.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1] and "epoch 1/1" not in proc.stderr
 
 
 # ------------------------------------------------------------------ bad input (in-process: fast)
@@ -249,3 +243,246 @@ def test_one_line_error_and_debug_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     proc = vps("inspect", "vpsurgery:nope", "--debug", check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "SpecError" in proc.stderr
+
+
+# ------------------------------------------------------------------ issue #8 (each through `python -m vpsurgery`)
+
+def bad(*argv: str, cwd: Path | None = None) -> str:
+    """Run the CLI as a subprocess that must fail with exit 2 and one line on stderr; return the line."""
+    proc = vps(*argv, cwd=cwd, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("vpsurgery: error: "), \
+        f"exit {proc.returncode}\n{proc.stderr}"
+    return lines[0]
+
+
+def copy_run(run, tmp_path: Path, name: str = "copy") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(run[0], dest)
+    return dest
+
+
+def reseal(run_dir: Path) -> None:
+    """Rewrite manifest.json for the tampered files, as an attacker (or a careless user) could."""
+    from vpsurgery.io import write_manifest
+
+    write_manifest(run_dir)
+
+
+def evil_report(run_dir: Path, marker: Path) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    report["model"] = {"spec": "os:system", "source": "os", "name": "system",
+                       "kwargs": {"command": f"touch {marker}"}}
+    (run_dir / "report.json").write_text(json.dumps(report))
+    reseal(run_dir)
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect", "export"])
+def test_a_report_naming_os_system_runs_no_code(run, tmp_path, command):
+    target, marker = copy_run(run, tmp_path), tmp_path / "MARKER"
+    evil_report(target, marker)
+    argv = {"verify": ("verify", str(target / "model.onnx")), "inspect": ("inspect", str(target)),
+            "export": ("export", str(target), "--out", str(tmp_path / "exported"))}[command]
+    reason = bad(*argv)
+    assert "--model" in reason and "os:system" in reason and "registries" in reason
+    if command == "verify":  # naming the factory without the file's arguments is not the recorded spec
+        assert "does not match" in bad(*argv, "--model", "os:system")
+    assert not marker.exists() and not (tmp_path / "exported").exists()
+
+
+def test_a_user_factory_is_rebuilt_only_with_model_option(run, tmp_path):
+    target = copy_run(run, tmp_path)
+    report = json.loads((target / "report.json").read_text())
+    report["model"] = {**report["model"], "spec": "vpsurgery.models.lenet:LeNet5:width=0.25",
+                       "source": "vpsurgery.models.lenet", "name": "LeNet5"}
+    (target / "report.json").write_text(json.dumps(report))
+    reseal(target)
+    assert "pass --model vpsurgery.models.lenet:LeNet5" in bad("verify", str(target / "model.onnx"))
+    assert "does not match" in bad("verify", str(target / "model.onnx"), "--model",
+                                   "vpsurgery.models.lenet:LeNet5:width=0.5")
+    proc = vps("verify", str(target / "model.onnx"), "--repeats", "0", "--model",
+               "vpsurgery.models.lenet:LeNet5:width=0.25")
+    assert "onnxruntime check PASSED" in proc.stdout
+
+
+def test_a_checkpoint_carrying_code_is_refused_as_such(run, tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode(str(marker))}, evil)
+    reason = bad(*compress_args(tmp_path, "--checkpoint", str(evil)))
+    assert "refused: not a weights-only checkpoint" in reason and "posix.system" in reason
+    assert "truncated" not in reason and not (tmp_path / "out").exists()
+    # the same as the weights of a run directory
+    target = copy_run(run, tmp_path)
+    torch.save({"model": _RunsCode(str(marker))}, target / "weights.pt")
+    reseal(target)
+    assert "refused: not a weights-only checkpoint" in bad("verify", str(target / "model.onnx"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d: (d / "report.json").write_text((d / "report.json").read_text() + " "),
+     "report.json was changed or comes from another run"),
+    (lambda d: shutil.copyfile(d / "dense.onnx", d / "model.onnx"), "model.onnx was changed or comes from another run"),
+    (lambda d: (d / "dense.onnx").unlink(), "dense.onnx is missing"),
+    (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
+], ids=["edited", "mixed", "missing", "no-manifest"])
+def test_verify_export_inspect_check_the_manifest(run, tmp_path, tamper, message):
+    target = copy_run(run, tmp_path)
+    tamper(target)
+    assert message in bad("verify", str(target / "model.onnx"))
+    if "mixed" in message or "model.onnx" in message:  # the issue's case: export accepted a mix of two runs
+        assert message in bad("export", str(target), "--out", str(tmp_path / "x"))
+        assert not (tmp_path / "x").exists()
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() - start < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_force_killed_during_export_keeps_the_old_run_and_resume_finishes(run, tmp_path):
+    out = copy_run(run, tmp_path, "out")
+    old = {p: digest(out / p) for p in RUN_FILES}
+    args = ["compress", MODEL, "--data", "digits", "--out", str(out), *FAST, "--seed", "1", "--force"]
+    proc = subprocess.Popen([sys.executable, "-m", "vpsurgery", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "out.partial"
+    wait_for(partial / "model.pt2", proc)  # export has begun: model.onnx and dense.onnx are next
+    proc.kill()
+    proc.communicate(timeout=60)
+    # the finished run is untouched and still usable; the new one waits in out.partial
+    assert {p: digest(out / p) for p in RUN_FILES} == old
+    assert not (out / "checkpoints").exists() and (partial / "checkpoints" / "last.pt").is_file()
+    assert "PASSED" in vps("verify", str(out / "model.onnx"), "--repeats", "0").stdout
+    assert "unfinished" in bad(*args[:-1])  # neither --resume nor --force: refused, nothing touched
+    assert "repeat the original arguments" in bad(*args, "--resume", "--epochs", "2")
+    assert "unfinished run" in bad("export", str(partial), "--out", str(tmp_path / "x"))
+    vps(*args, "--resume", "--keep-checkpoint")
+    assert not partial.exists() and not (tmp_path / "out.replaced").exists()
+    assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert [h["epoch"] for h in json.loads((out / "report.json").read_text())["history"]] == [1]
+    assert (out / "checkpoints" / "last.pt").is_file()  # --keep-checkpoint
+    assert "PASSED" in vps("verify", str(out / "model.onnx"), "--repeats", "0").stdout
+    assert "is a finished run" in bad(*args, "--resume")
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--batch-size", "0"), ("--workers", "-1"), ("--n-train", "abc"), ("--device", "bogus"),
+    ("--image-size", "0"), ("--price", "-1"), ("--prune-threshold", "2"), ("--epochs", "0"),
+])
+def test_a_bad_number_writes_nothing(tmp_path, option, value):
+    out = tmp_path / "new" / "out"
+    reason = bad("compress", MODEL, "--data", "digits", "--out", str(out), option, value)
+    assert f"argument {option}:" in reason and value in reason
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_out_whose_parent_is_not_writable(tmp_path):
+    if os.geteuid() == 0:  # root ignores permission bits; /sys refuses new entries even to root
+        parent = Path("/sys/vpsurgery-test")
+        try:
+            os.rmdir(tempfile.mkdtemp(dir="/sys"))
+        except OSError:
+            pass
+        else:
+            pytest.skip("no directory here refuses writes to root")
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o500)
+    try:
+        reason = bad("compress", MODEL, "--data", "digits", "--out", str(parent / "out"))
+        assert "cannot write --out" in reason and "choose another --out" in reason
+        assert not (parent / "out").exists()
+    finally:
+        if parent.is_relative_to(tmp_path):
+            parent.chmod(0o700)
+
+
+def _mnist(root: Path, *, labels: bytes | None = None, split: str = "train") -> str:
+    from test_data import write_mnist
+
+    raw = write_mnist(root)
+    if labels is not None:
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, len(labels)) + labels)
+    return f"mnist:{root}"
+
+
+def _folder(root: Path, classes=("cat", "dog"), per_class: int = 3, empty: str | None = None,
+            damage: str | None = None) -> str:
+    from test_data import write_images
+
+    write_images(root, list(classes), per_class)
+    if empty:
+        (root / empty).mkdir()
+    if damage:
+        image = root / damage
+        image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])
+    return f"imagefolder:{root}"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: _mnist(d, labels=bytes([1, 2, 13, 3, 4, 5])), "train-labels-idx1-ubyte: label 13 of image 2 is outside 0..9"),
+    (lambda d: _mnist(d, labels=bytes([1, 2, 3])), "train-labels-idx1-ubyte holds 3 labels for the 6 images"),
+    (lambda d: _folder(d, classes=("cat",)), "has one class folder (cat); a classifier needs at least 2 classes"),
+    (lambda d: _folder(d, empty="emu"), "class folder {d}/emu holds no images"),
+    (lambda d: _folder(d, damage="dog/1.png"), "cannot read image {d}/dog/1.png"),
+    (lambda d: _folder(d, per_class=2), "has 3 examples, fewer than one batch (--batch-size 256)"),
+    (lambda d: f"imagefolder:{d}", "no images found under {d}"),
+], ids=["mnist-label-range", "mnist-few-labels", "one-class", "empty-class", "truncated-image", "below-one-batch",
+        "empty"])
+def test_bad_data_is_named_and_writes_nothing(tmp_path, make, message):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    spec = make(data_dir)
+    reason = bad("compress", MODEL, "--data", spec, "--out", str(tmp_path / "out"), *FAST, "--image-size", "16")
+    assert message.format(d=data_dir) in reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("kept, message", [
+    (lambda k: [k], "holds a JSON list, not an object"),
+    (lambda k: {key: v for key, v in k.items() if key != "modules"}, "has no 'modules' entry"),
+    (lambda k: {**k, "removed_units": [987654]}, "names 1 units the model does not have [987654]"),
+    (lambda k: {**k, "removed_sections": ["sec_nope"]}, "names 1 sections the model does not have [sec_nope]"),
+], ids=["list", "no-modules", "unknown-unit", "unknown-section"])
+def test_a_bad_kept_map_is_named(run, tmp_path, kept, message):
+    target = copy_run(run, tmp_path)
+    path = target / "kept_map.json"
+    path.write_text(json.dumps(kept(json.loads(path.read_text()))))
+    reseal(target)
+    reason = bad("inspect", str(target))
+    assert str(path) in reason and message in reason
+
+
+def test_verify_an_empty_onnx_file_and_a_directory(run, tmp_path):
+    empty = tmp_path / "model.onnx"
+    empty.write_bytes(b"")
+    assert "is empty (0 bytes)" in bad("verify", str(empty), "--reference", str(run[0]))
+    assert "is a directory; pass the .onnx file itself" in bad("verify", str(run[0]))
+
+
+def test_export_force_replaces_only_an_export(run, tmp_path):
+    out = tmp_path / "exp"
+    vps("export", str(run[0]), "--out", str(out))
+    first = json.loads((out / "manifest.json").read_text())
+    assert "--force" in bad("export", str(run[0]), "--out", str(out))
+    vps("export", str(run[0]), "--out", str(out), "--force")
+    assert json.loads((out / "manifest.json").read_text())["files"].keys() == first["files"].keys()
+    (out / "notes.txt").write_text("mine")
+    assert "notes.txt" in bad("export", str(run[0]), "--out", str(out), "--force")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]

@@ -198,7 +198,7 @@ def test_empty_imagefolder(tmp_path):
     with pytest.raises(DataError, match="no images found"):
         load_data(f"imagefolder:{tmp_path}")
     (tmp_path / "cat").mkdir()  # a class folder with no images in it
-    with pytest.raises(DataError, match="no images found"):
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'cat'} holds no images"):
         load_data(f"imagefolder:{tmp_path}")
 
 
@@ -207,3 +207,80 @@ def test_imagefolder_val_classes_must_match_train(tmp_path):
     write_images(tmp_path / "val", ["cat", "emu"], per_class=1)
     with pytest.raises(DataError, match="class folders differ"):
         load_data(f"imagefolder:{tmp_path}")
+
+
+# ------------------------------------------------------------------ labels and images that cannot be trained on
+
+def _write_labels(raw, prefix, labels):
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, len(labels)) + bytes(labels))
+
+
+@pytest.mark.parametrize("prefix", ["train", "t10k"])
+def test_mnist_label_out_of_range_names_the_file(tmp_path, prefix):
+    raw = write_mnist(tmp_path)
+    n = 6 if prefix == "train" else 4
+    _write_labels(raw, prefix, [1] * (n - 1) + [10])
+    with pytest.raises(DataError) as info:
+        load_data(f"mnist:{tmp_path}")
+    message = str(info.value)
+    assert f"{raw / (prefix + '-labels-idx1-ubyte')}: label 10 of image {n - 1} is outside 0..9" in message
+
+
+def test_mnist_fewer_labels_than_images(tmp_path):
+    raw = write_mnist(tmp_path)
+    _write_labels(raw, "train", [1, 2, 3])
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte holds 3 labels for the 6 images of"):
+        load_data(f"mnist:{tmp_path}")
+
+
+def test_cifar10_label_out_of_range(tmp_path, skip_cifar_md5):
+    folder = write_cifar10(tmp_path)
+    with open(folder / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    batch["labels"][1] = 12
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(DataError, match="test_batch: label 12 of image 1 is outside 0..9"):
+        load_data(f"cifar10:{tmp_path}")
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    write_images(tmp_path, ["cat"], per_class=4)
+    with pytest.raises(DataError, match=r"has one class folder \(cat\); a classifier needs at least 2 classes"):
+        load_data(f"imagefolder:{tmp_path}")
+    write_images(tmp_path / "train", ["cat"], per_class=2)  # the same for DIR/train
+    write_images(tmp_path / "val", ["cat"], per_class=1)
+    with pytest.raises(DataError, match="has one class folder"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+def test_imagefolder_empty_class_folder_is_named(tmp_path):
+    write_images(tmp_path, ["cat", "dog"], per_class=2)
+    (tmp_path / "emu" / "notes").mkdir(parents=True)
+    (tmp_path / "emu" / "notes" / "readme.txt").write_text("not an image")
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'emu'} holds no images"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"not an image at all"],
+                         ids=["truncated", "garbage"])
+def test_imagefolder_unreadable_image_is_named_up_front(tmp_path, damage):
+    write_images(tmp_path, ["cat", "dog"], per_class=2)
+    bad = tmp_path / "dog" / "1.png"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(DataError, match=f"cannot read image {bad} .*replace or remove it"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+def test_imagefolder_truncated_jpeg_is_named_when_loaded(tmp_path):
+    """A truncated JPEG passes PIL's verify (it reads no pixel data); the loader names it."""
+    write_images(tmp_path, ["cat", "dog"], per_class=2)
+    jpeg = tmp_path / "dog" / "2.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    data = load_data(f"imagefolder:{tmp_path}", val_fraction=0.2)
+    with pytest.raises(DataError, match=f"cannot read image {jpeg}"):
+        for i in range(len(data.train)):
+            data.train[i]
+        for i in range(len(data.val)):
+            data.val[i]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import inspect
 import io
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -34,6 +35,17 @@ MODEL_ONNX = "model.onnx"
 DENSE_ONNX = "dense.onnx"  # the uncompressed architecture, for the latency comparison
 CONFIG = "config.json"  # what the run was started with; --resume must match it
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"  # file -> sha256 of everything above; checked by export / verify / inspect
+EXPORT_JSON = "export.json"
+PLOTS_DIR = "plots"
+PARTIAL = ".partial"  # DIR.partial: the run being built, until it is complete and renamed to DIR
+# What compress and export write; --force replaces a directory holding only these, nothing else.
+KNOWN_ENTRIES = frozenset({REPORT_JSON, REPORT_MD, KEPT_MAP, WEIGHTS, MODEL_PT2, MODEL_ONNX, DENSE_ONNX, CONFIG,
+                           CHECKPOINTS, MANIFEST, EXPORT_JSON, PLOTS_DIR})
+# Model sources a run directory may name: registries, looked up by name. Any other factory is code,
+# and a run directory is data, so it is rebuilt only when the user names it again with --model.
+REGISTRY_SOURCES = ("vpsurgery", "torchvision")
+_DATA_DEFAULTS = ("num_classes", "in_channels", "in_features")  # builder arguments compress takes from the data
 
 RUN_DIR_HELP = f"""\
 A run directory (what `compress --out DIR` writes):
@@ -43,9 +55,15 @@ A run directory (what `compress --out DIR` writes):
   {WEIGHTS:<14} state_dict of the compressed model
   {KEPT_MAP:<14} which channels/sections were kept (vpsurgery.replay rebuilds the small model)
   {REPORT_JSON:<14} model spec, data, input shape, history, per-layer sizes, FLOPs, verification
-  {REPORT_MD:<14} the same for humans, with plots/*.png
-  {CHECKPOINTS + '/':<14} training checkpoints (for --resume)
-The compressed torch model is rebuilt as replay(MODEL spec from report.json, {KEPT_MAP}) with {WEIGHTS}."""
+  {REPORT_MD:<14} the same for humans, with {PLOTS_DIR}/*.png
+  {CONFIG:<14} the arguments of the run (--resume must repeat them)
+  {MANIFEST:<14} sha256 of every file above; export, verify and inspect refuse a changed or missing file
+  {CHECKPOINTS + '/':<14} the last training checkpoint, only with --keep-checkpoint
+The run is built in DIR{PARTIAL}/ (training checkpoints in DIR{PARTIAL}/{CHECKPOINTS}/, which --resume
+continues from) and renamed to DIR once everything is written and verified, so DIR never mixes
+files of two runs; with --force an earlier run in DIR is replaced only then.
+The compressed torch model is rebuilt as replay(MODEL spec from report.json, {KEPT_MAP}) with {WEIGHTS};
+a MODEL outside the vpsurgery: and torchvision: registries is imported only when passed again as --model."""
 
 DEMO_MODEL = "vpsurgery:resnet20:width=0.5"
 DEMO_DATA = "digits"
@@ -72,11 +90,11 @@ class CLIError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vpsurgery import ExampleInputError, TraceError
     from vpsurgery.data import DataError
-    from vpsurgery.io import CheckpointError, OutputExistsError
+    from vpsurgery.io import CheckpointError, OutputExistsError, RunDirError
     from vpsurgery.specs import SpecError
 
     return (CLIError, SpecError, DataError, CheckpointError, OutputExistsError, NotADirectoryError,
-            TraceError, ExampleInputError)
+            TraceError, ExampleInputError, RunDirError)
 
 
 def log(message: str) -> None:
@@ -92,6 +110,63 @@ def _quiet(debug: bool) -> Iterator[None]:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
+
+
+# ======================================================================== argument types
+# Every number is checked while parsing, so a bad one ends the program before anything is read or
+# written, with one line naming the option (argparse: "argument --batch-size: ...").
+
+def _number(kind: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, "an integer >= 1", lambda v: v >= 1)
+NONNEGATIVE_INT = _number(int, "an integer >= 0", lambda v: v >= 0)
+POSITIVE_FLOAT = _number(float, "a number > 0", lambda v: v > 0)
+NONNEGATIVE_FLOAT = _number(float, "a number >= 0", lambda v: v >= 0)
+SEED = _number(int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2 ** 63)
+
+
+def _device(text: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps, present on this machine."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0..{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: device type {device.type!r} is not supported; "
+                                         "use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `vpsurgery: error: argument --x: ... (see ... --help)`."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"vpsurgery: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 # ======================================================================== loading
@@ -156,11 +231,11 @@ def load_inputs(args) -> Inputs:
     from vpsurgery.specs import ModelSpec, parse_spec
 
     spec = parse_spec(args.model)
-    image_size = args.image_size or _registry_image_size(spec)
+    image_size = args.image_size if args.image_size is not None else _registry_image_size(spec)
     data = load_data(args.data, image_size=image_size, download=args.download, seed=args.seed)
+    _check_split_sizes(data, args)
     channels = data.input_shape[0]
-    defaults = {"num_classes": data.num_classes, "in_channels": channels,
-                "in_features": math.prod(data.input_shape)}
+    defaults = dict(zip(_DATA_DEFAULTS, (data.num_classes, channels, math.prod(data.input_shape))))
     torch.manual_seed(args.seed)
     built = ModelSpec(spec.source, spec.name, spec.build_kwargs(**defaults))
     model = built.build()
@@ -177,6 +252,17 @@ def load_inputs(args) -> Inputs:
     return Inputs(built, model, data, train, val, (1, wanted, *data.input_shape[1:]), repeated)
 
 
+def _check_split_sizes(data, args) -> None:
+    n_train, n_val = len(data.train), len(data.val)
+    if n_train == 0:
+        raise CLIError(f"the training split of {args.data} is empty; add training examples")
+    if n_train < args.batch_size:
+        raise CLIError(f"the training split of {args.data} has {n_train} examples, fewer than one batch "
+                       f"(--batch-size {args.batch_size}); pass --batch-size {n_train} or less, or add data")
+    if n_val == 0:
+        raise CLIError(f"the validation split of {args.data} is empty; add validation examples")
+
+
 def load_weights(model, path) -> None:
     from vpsurgery.io import check_state_dict, load_checkpoint
 
@@ -186,11 +272,9 @@ def load_weights(model, path) -> None:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from vpsurgery.io import sha256_file
+
+    return sha256_file(path)
 
 
 def example_batch(input_shape, batch: int = 2):
@@ -213,10 +297,27 @@ class Run:
         return tuple(self.report["input_shape"])
 
 
+def partial_dir(out: Path) -> Path:
+    """DIR.partial: where the run into DIR is built (and, while unfinished, resumed)."""
+    return out.with_name(out.name + PARTIAL)
+
+
+def _unfinished_hint(run_dir: Path) -> str:
+    target = run_dir.with_name(run_dir.name[: -len(PARTIAL)]) if run_dir.name.endswith(PARTIAL) else run_dir
+    if partial_dir(target).is_dir():
+        return (f"; {partial_dir(target)} holds an unfinished run into {target}: finish it with "
+                f"`vpsurgery compress ... --out {target} --resume` (the original arguments)")
+    return ""
+
+
 def find_run_dir(source: Path) -> tuple[Path, Path]:
     """(run directory, compressed weights file) for a run directory or a weights file in one."""
     if not source.exists():
-        raise CLIError(f"{source} does not exist; pass a run directory written by `vpsurgery compress`")
+        raise CLIError(f"{source} does not exist; pass a run directory written by `vpsurgery compress`"
+                       + _unfinished_hint(source))
+    if source.is_dir() and source.name.endswith(PARTIAL):
+        raise CLIError(f"{source} is an unfinished run (compress builds the run there, then renames it)"
+                       + (_unfinished_hint(source) or "; re-run `vpsurgery compress`"))
     if source.is_dir():
         run_dir, weights = source, source / WEIGHTS
     else:
@@ -228,33 +329,92 @@ def find_run_dir(source: Path) -> tuple[Path, Path]:
     for needed in (REPORT_JSON, KEPT_MAP):
         if not (run_dir / needed).is_file():
             raise CLIError(f"{run_dir} has no {needed}, so it is not a run directory; pass the --out directory "
-                           "of a finished `vpsurgery compress`")
+                           "of a finished `vpsurgery compress`" + _unfinished_hint(run_dir))
     return run_dir, weights
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot read {path}: {exc}; re-run `vpsurgery compress`") from exc
 
 
-def load_run(source: str | Path) -> Run:
+def _recorded_input_shape(report: Any, where: Path) -> tuple[int, ...]:
+    shape = report.get("input_shape")
+    if not (isinstance(shape, list) and 2 <= len(shape) <= 5
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape)
+            and math.prod(shape) <= 1 << 28):
+        raise CLIError(f"{where}: 'input_shape' is {shape!r}, not a shape like [1, 3, 32, 32]; re-run `vpsurgery compress`")
+    return tuple(shape)
+
+
+def recorded_spec(report: dict[str, Any], where: Path, model: str | None = None):
+    """The ModelSpec recorded in report.json, for rebuilding the dense model.
+
+    A run directory is data, never code: a spec from the file is only looked up in the vpsurgery:
+    and torchvision: registries with plain-value arguments. Any other factory is imported only when
+    the user names it as ``model`` (--model), and then it must be the recorded one."""
+    from vpsurgery.specs import ModelSpec, parse_spec
+
+    entry = report.get("model")
+    if not (isinstance(entry, dict) and isinstance(entry.get("source"), str) and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("kwargs", {}), dict)):
+        raise CLIError(f"{where} has no valid 'model' entry; re-run `vpsurgery compress`")
+    kwargs = dict(entry.get("kwargs", {}))
+    not_plain = [k for k, v in kwargs.items() if not isinstance(v, (bool, int, float, str, type(None)))]
+    if not_plain:
+        raise CLIError(f"{where}: the model arguments {', '.join(map(str, not_plain))} are not plain values; "
+                       "re-run `vpsurgery compress`")
+    recorded = ModelSpec(entry["source"], entry["name"], kwargs)
+    shown = f"{recorded.source}:{recorded.name}"
+    if model is None:
+        if recorded.source not in REGISTRY_SOURCES:
+            raise CLIError(f"{where} names the model factory {shown}, which is outside the vpsurgery: and "
+                           "torchvision: registries; a run directory is data, so its code is not imported from the "
+                           f"file: pass --model {shown} (the spec the run was compressed with) if you trust that code")
+    else:
+        # Every argument the factory gets must be the user's, except the ones compress took from
+        # the data (num_classes, ...), which must be plain integers.
+        given = parse_spec(model)  # imports what the user named on the command line
+        own = {k: v for k, v in kwargs.items() if k not in _DATA_DEFAULTS}
+        from_data_ok = all(isinstance(kwargs[k], int) and not isinstance(kwargs[k], bool)
+                           for k in _DATA_DEFAULTS if k in kwargs and k not in given.kwargs)
+        if (given.source, given.name) != (recorded.source, recorded.name) or not from_data_ok or \
+                {k: v for k, v in given.kwargs.items() if k not in _DATA_DEFAULTS or kwargs.get(k) != v} != own:
+            raise CLIError(f"--model {model} does not match the model recorded in {where} ({recorded}); "
+                           "pass the spec the run was compressed with")
+    if recorded.source == "torchvision" and kwargs.get("weights") is not None:
+        # the dense weights are never needed (the compressed ones are in weights.pt): no download
+        recorded = ModelSpec(recorded.source, recorded.name, {**kwargs, "weights": None})
+    return recorded
+
+
+def load_run(source: str | Path, model: str | None = None) -> Run:
     """Rebuild a run's models: the dense one from the recorded spec, the compressed one by replaying
-    kept_map.json onto it and loading the compressed weights."""
+    kept_map.json onto it and loading the compressed weights. Every file is first checked against
+    manifest.json; ``model`` (--model) is needed for a factory outside the built-in registries."""
     import vpsurgery
-    from vpsurgery.specs import spec_from_json
+    from vpsurgery.io import check_kept_map, check_manifest
 
     run_dir, weights = find_run_dir(Path(source))
+    check_manifest(run_dir, required=(REPORT_JSON, KEPT_MAP))
     report = _read_json(run_dir / REPORT_JSON)
-    kept = _read_json(run_dir / KEPT_MAP)
-    example = example_batch(report["input_shape"])
-    dense = spec_from_json(report["model"]).build()
+    if not isinstance(report, dict):
+        raise CLIError(f"{run_dir / REPORT_JSON} holds a JSON {type(report).__name__}, not a run report; "
+                       "re-run `vpsurgery compress`")
+    input_shape = _recorded_input_shape(report, run_dir / REPORT_JSON)
+    kept = check_kept_map(_read_json(run_dir / KEPT_MAP), run_dir / KEPT_MAP)
+    example = example_batch(input_shape)
+    dense = recorded_spec(report, run_dir / REPORT_JSON, model).build()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        plan = vpsurgery.plan(vpsurgery.wrap(dense, example))
+        check_kept_map(kept, run_dir / KEPT_MAP, modules={name for name, _ in dense.named_modules()},
+                       units={int(u) for g in plan.groups.values() for u in g.units}, sections=set(plan.sections))
         try:
             small = vpsurgery.replay(dense, kept, example)
-        except ValueError as exc:
+        except (ValueError, KeyError, IndexError) as exc:
             raise CLIError(f"{run_dir / KEPT_MAP}: {exc}") from exc
     load_weights(small, weights)
     return Run(run_dir, report, dense.eval(), small.eval())
@@ -285,11 +445,51 @@ def _fit_default(name: str, fallback):
 
 def _fit_choices() -> dict[str, tuple[str, ...]]:
     try:
-        from vpsurgery.objective import PER, PRIORS
-        from vpsurgery.train import THETA_ESTIMATORS
+        from dataclasses import fields
+
+        from vpsurgery.config import FitConfig
     except ImportError:
         return {}
-    return {"per": PER, "prior": PRIORS, "estimator": THETA_ESTIMATORS}
+    return {f.name: f.metadata["choices"] for f in fields(FitConfig) if f.metadata.get("choices")}
+
+
+_KIND_TEXT = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _checked_setting(name: str, kind: type) -> Callable[[str], Any] | None:
+    """An argparse type for fit setting ``name`` that applies vpsurgery.config's check (type, range,
+    choices), or None where config does not know the setting."""
+    try:
+        from vpsurgery.config import check_value, default
+        default(name)
+    except (ImportError, KeyError):
+        return None
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_KIND_TEXT.get(kind, 'a value')}, "
+                                             f"got {text!r}") from None
+        try:
+            return check_value(name, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _setting_kind(name: str, param: inspect.Parameter) -> type | None:
+    if param.default is not None:
+        return type(param.default)
+    try:
+        from vpsurgery.config import FitConfig
+        from dataclasses import fields
+    except ImportError:
+        return None
+    field = next((f for f in fields(FitConfig) if f.name == name), None)
+    return field.metadata.get("kind") if field is not None else None
 
 
 def _add_fit_options(parser: argparse.ArgumentParser) -> None:
@@ -302,10 +502,12 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(param.default, bool):
             group.add_argument(flag, dest=f"fit_{name}", action=argparse.BooleanOptionalAction, default=param.default)
         else:
-            kind = parse_value if param.default is None else type(param.default)
+            setting_kind = _setting_kind(name, param)
+            kind = (_checked_setting(name, setting_kind) if setting_kind in (int, float, str) else None) \
+                or (parse_value if param.default is None else type(param.default))
             options = choices.get(name)
-            metavar = "{" + ",".join(options) + "}" if options else type(param.default).__name__.upper() \
-                if param.default is not None else "VALUE"
+            metavar = "{" + ",".join(options) + "}" if options else (setting_kind or type(param.default)).__name__.upper() \
+                if param.default is not None or setting_kind is not None else "VALUE"
             group.add_argument(flag, dest=f"fit_{name}", type=kind, default=param.default, choices=options,
                                metavar=metavar, help=f"default: {param.default}")
 
@@ -314,23 +516,141 @@ def _fit_kwargs(args) -> dict[str, Any]:
     return {name: getattr(args, f"fit_{name}") for name in fit_options() if hasattr(args, f"fit_{name}")}
 
 
-def _prepare_run_dir(args, config: dict[str, Any]) -> Path:
-    from vpsurgery.io import prepare_out_dir
+def _foreign_entries(directory: Path) -> list[str]:
+    """Entries of ``directory`` that neither compress nor export writes (nor their temp files)."""
+    from vpsurgery.io import _TMP_FILE
+
+    return sorted(p.name for p in directory.iterdir() if p.name not in KNOWN_ENTRIES and not _TMP_FILE.match(p.name))
+
+
+def _check_replaceable(out: Path, force: bool, what: str = "run") -> None:
+    """Refuse an ``out`` that exists and is not an empty directory, unless ``force`` and it holds
+    only what vpsurgery writes (a previous run or export): the user's own files are never deleted."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out} exists and is not a directory; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise CLIError(f"output directory {out} exists and is not empty; pass --force to replace it with the new "
+                       f"{what} (the old directory is replaced only once the new one is complete)")
+    foreign = _foreign_entries(out)
+    if foreign:
+        from vpsurgery.io import _summarise
+
+        raise CLIError(f"--force replaces only a directory written by vpsurgery, and {out} also holds "
+                       f"{_summarise(foreign)}; move those files or choose another --out")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out whose parent directory cannot take new entries (the run is built beside it)."""
+    from vpsurgery.io import writable_parent
+
+    try:
+        writable_parent(out)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = Path(exc.filename).parent if exc.filename else out.absolute().parent
+        raise CLIError(f"cannot write --out {out}: {reason} in {where} (the run is built next to {out.name}, so "
+                       "that directory must be writable); choose another --out") from exc
+
+
+def _is_finished(directory: Path) -> bool:
+    from vpsurgery.io import RunDirError, check_manifest
+
+    try:
+        check_manifest(directory, required=(REPORT_JSON, KEPT_MAP))
+    except RunDirError:
+        return False
+    return True
+
+
+@dataclass
+class Stage:
+    """Where compress builds the run: DIR.partial (a directory, or ``adopt``: DIR itself, an
+    interrupted run of an older vpsurgery, moved there)."""
+
+    out: Path
+    dir: Path
+    fresh: bool  # start training from scratch (discarding an earlier DIR.partial)
+    finished: bool  # every file is written and in the manifest: only the rename to DIR is left
+    adopt: bool = False
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / CHECKPOINTS
+
+
+def _plan_stage(args, config: dict[str, Any]) -> Stage:
+    """Decide where the run is built, refusing what cannot work, before anything is read or written."""
+    out = Path(args.out)
+    stage = partial_dir(out)
+    _check_writable(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out} exists and is not a directory; choose another --out")
+    if stage.exists() and not stage.is_dir():
+        raise NotADirectoryError(f"{stage} exists and is not a directory; move it away (compress builds the run "
+                                 "there)")
+    if not args.resume:
+        if stage.is_dir():
+            if not args.force:
+                raise CLIError(f"{stage} holds an unfinished run into {out}; continue it with --resume (and the "
+                               "original arguments), or pass --force to discard it and start over")
+            foreign = _foreign_entries(stage)
+            if foreign:
+                raise CLIError(f"{stage} holds files vpsurgery did not write ({', '.join(foreign[:5])}); move them")
+        _check_replaceable(out, args.force)
+        return Stage(out, stage, fresh=True, finished=False)
+    if stage.is_dir():
+        source = stage
+    elif out.is_dir() and (out / CHECKPOINTS).is_dir() and not (out / MANIFEST).is_file():
+        source = out  # interrupted before run directories were built in DIR.partial
+    elif out.is_dir() and _is_finished(out):
+        raise CLIError(f"nothing to resume: {out} is a finished run (its {MANIFEST} checks out); drop --resume "
+                       "(with --force to redo it)")
+    else:
+        raise CLIError(f"nothing to resume: neither {stage} nor {out / CHECKPOINTS} exists; drop --resume to start "
+                       "a new run")
+    before = _read_json(source / CONFIG) if (source / CONFIG).is_file() else {}
+    before = before if isinstance(before, dict) else {}
+    changed = [k for k in config if before.get(k) != config[k]]
+    if changed:
+        raise CLIError(f"--resume with different {', '.join(changed)} than the run in {source} "
+                       f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); repeat the original arguments")
+    if source is stage:
+        _check_replaceable(out, args.force)
+        return Stage(out, stage, fresh=False, finished=_is_finished(stage))
+    return Stage(out, stage, fresh=False, finished=False, adopt=True)
+
+
+def _open_stage(stage: Stage, config: dict[str, Any]) -> None:
+    """Create (or take over) DIR.partial: the first write of the run."""
+    from vpsurgery.io import remove_temp_files, temp_dir_beside
     from vpsurgery.reporting import write_json
 
-    out = Path(args.out)
-    if args.resume:
-        if not (out / CHECKPOINTS).is_dir():
-            raise CLIError(f"nothing to resume: {out / CHECKPOINTS} does not exist; drop --resume to start a new run")
-        before = _read_json(out / CONFIG) if (out / CONFIG).is_file() else {}
-        changed = [k for k in config if before.get(k) != config[k]]
-        if changed:
-            raise CLIError(f"--resume with different {', '.join(changed)} than the run in {out} "
-                           f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); repeat the original arguments")
-        return out
-    out = prepare_out_dir(out, force=args.force)
-    write_json(out / CONFIG, config)
-    return out
+    stage.dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in stage.dir.parent.glob(f".{stage.dir.name}.*.tmp"):  # a stage killed while being created
+        shutil.rmtree(leftover, ignore_errors=True)
+    if stage.adopt:
+        os.rename(stage.out, stage.dir)
+    elif stage.fresh:
+        if stage.dir.exists():
+            shutil.rmtree(stage.dir)
+        # created under a temporary name and renamed, so DIR.partial always has its config.json
+        tmp = temp_dir_beside(stage.dir)
+        write_json(tmp / CONFIG, config)
+        os.rename(tmp, stage.dir)
+    remove_temp_files(stage.dir)
+
+
+def _finish_stage(stage: Stage, keep_checkpoint: bool) -> None:
+    """Manifest, drop the training checkpoint, then rename DIR.partial to DIR (replacing an old run)."""
+    from vpsurgery.io import replace_dir, write_manifest
+
+    if not stage.finished:
+        write_manifest(stage.dir, exclude=(CHECKPOINTS,))
+    if not keep_checkpoint and stage.checkpoint_dir.exists():
+        shutil.rmtree(stage.checkpoint_dir)
+    replace_dir(stage.dir, stage.out)
 
 
 def _loaders(inputs: Inputs, args):
@@ -344,7 +664,9 @@ def _loaders(inputs: Inputs, args):
     return train, val
 
 
-def train(gated, inputs: Inputs, args, out: Path):
+def train(gated, inputs: Inputs, args, out: Path, resume: bool | None = None):
+    """fit into ``out``/checkpoints; ``resume``: continue from the checkpoint there (default --resume)."""
+    resume = args.resume if resume is None else resume
     try:
         from vpsurgery.train import TrainingDiverged, fit
     except ImportError as exc:
@@ -352,7 +674,7 @@ def train(gated, inputs: Inputs, args, out: Path):
     train_loader, val_loader = _loaders(inputs, args)
     try:
         return fit(gated, train_loader, val_loader, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                   device=args.device, checkpoint_dir=out / CHECKPOINTS, resume=args.resume, seed=args.seed,
+                   device=args.device, checkpoint_dir=out / CHECKPOINTS, resume=resume, seed=args.seed,
                    progress=not args.no_progress, log=log, **_fit_kwargs(args))
     except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
         if isinstance(exc, TrainingDiverged):
@@ -409,19 +731,29 @@ def cmd_compress(args) -> int:
               "checkpoint": str(checkpoint.resolve()) if checkpoint else None, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer, "seed": args.seed,
               **_fit_kwargs(args)}
+    stage = _plan_stage(args, config)  # refuses a bad --out / --resume before any work
+    if stage.finished:  # killed after the run was complete, before its rename to DIR
+        log(f"{stage.dir} is complete; moving it to {stage.out}")
+        _finish_stage(stage, args.keep_checkpoint)
+        print_run_summary(_read_json(stage.out / REPORT_JSON), stage.out, layers=args.show_layers)
+        return EXIT_OK
     inputs = load_inputs(args)
-    out = _prepare_run_dir(args, config)
     example = example_batch(inputs.input_shape)
     log(f"tracing {inputs.spec} on input {inputs.input_shape}")
     gated = vpsurgery.wrap(inputs.model, example)
     log(vpsurgery.report(gated).splitlines()[0])
 
+    _open_stage(stage, config)  # the first write of the run: DIR.partial/config.json
+    out = stage.dir
     started = time.perf_counter()
-    result = train(gated, inputs, args, out)
+    result = train(gated, inputs, args, out, resume=(stage.checkpoint_dir / "last.pt").is_file())
     seconds = time.perf_counter() - started
     small = vpsurgery.shrink(result.model).cpu().eval()
     dense = inputs.model.cpu().eval()
 
+    for entry in out.iterdir():  # outputs of an interrupted attempt: rebuilt below from the checkpoint
+        if entry.name in KNOWN_ENTRIES - {CONFIG, CHECKPOINTS}:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     atomic_save(small.state_dict(), out / WEIGHTS)
     rep.write_json(out / KEPT_MAP, vpsurgery.kept_map(small))
     export_all(small, dense, example, out, args.debug)
@@ -447,12 +779,15 @@ def cmd_compress(args) -> int:
         "verification": verification,
         "latency": latency,
         "files": {"pt2": MODEL_PT2, "onnx": MODEL_ONNX, "dense_onnx": DENSE_ONNX, "weights": WEIGHTS,
-                  "kept_map": KEPT_MAP, "report": REPORT_MD},
+                  "kept_map": KEPT_MAP, "report": REPORT_MD, "manifest": MANIFEST},
     }
     rep.write_report(out, report)
-    print_run_summary(report, out, layers=args.show_layers)
     if not verification["passed"]:
-        raise _Failed(f"the ONNX model does not match the torch model: {verification['detail']}")
+        print_run_summary(report, out, layers=args.show_layers)
+        raise _Failed(f"the ONNX model does not match the torch model: {verification['detail']}; the run stays in "
+                      f"{out} ({stage.out} is unchanged)")
+    _finish_stage(stage, args.keep_checkpoint)
+    print_run_summary(report, stage.out, layers=args.show_layers)
     return EXIT_OK
 
 
@@ -472,32 +807,47 @@ def print_run_summary(report: dict[str, Any], out: Path, layers: bool) -> None:
     if layers:
         print(rep.layer_table(report["layers"]))
     print(rep.verification_line(report["verification"], report.get("latency")))
-    print(f"wrote {out}/: {MODEL_PT2}, {MODEL_ONNX}, {DENSE_ONNX}, {KEPT_MAP}, {WEIGHTS}, {REPORT_JSON}, {REPORT_MD}")
+    kept = f", {CHECKPOINTS}/" if (out / CHECKPOINTS).is_dir() else ""
+    print(f"wrote {out}/: {MODEL_PT2}, {MODEL_ONNX}, {DENSE_ONNX}, {KEPT_MAP}, {WEIGHTS}, {REPORT_JSON}, {REPORT_MD}, "
+          f"{MANIFEST}{kept}")
 
 
 # ======================================================================== export / verify / inspect
 
 def cmd_export(args) -> int:
-    from vpsurgery.io import prepare_out_dir
+    from vpsurgery.export import export_onnx, export_pt2
+    from vpsurgery.io import replace_dir, temp_dir_beside, write_manifest
     from vpsurgery.reporting import write_json
 
-    run = load_run(args.source)
-    out = prepare_out_dir(args.out, force=args.force)
+    out = Path(args.out)
+    _check_replaceable(out, args.force, what="export")
+    _check_writable(out)
+    run = load_run(args.source, args.model)
+    if out.resolve() == run.dir.resolve():
+        raise CLIError(f"--out {out} is the run directory itself; export into another directory")
     example = example_batch(run.input_shape)
-    from vpsurgery.export import export_onnx, export_pt2
-
-    with _quiet(args.debug):
-        log(f"exporting {out / MODEL_PT2}")
-        export_pt2(run.small, example, out / MODEL_PT2)
-        log(f"exporting {out / MODEL_ONNX}")
-        export_onnx(run.small, example, out / MODEL_ONNX)
-    verification, _ = check_onnx(out / MODEL_ONNX, run.small, None, run.input_shape, _no_latency(args))
-    write_json(out / "export.json", {"source_run": str(run.dir.resolve()), "input_shape": list(run.input_shape),
-                                     "model": run.report["model"], "verification": verification})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # built whole in a temporary sibling, then renamed to --out: never a mix of two exports
+    stage = temp_dir_beside(out)
+    try:
+        with _quiet(args.debug):
+            log(f"exporting {out / MODEL_PT2}")
+            export_pt2(run.small, example, stage / MODEL_PT2)
+            log(f"exporting {out / MODEL_ONNX}")
+            export_onnx(run.small, example, stage / MODEL_ONNX)
+        verification, _ = check_onnx(stage / MODEL_ONNX, run.small, None, run.input_shape, _no_latency(args))
+        if not verification["passed"]:
+            print(_verification_text(verification))
+            raise _Failed(f"the ONNX model does not match the torch model: {verification['detail']}; nothing written")
+        write_json(stage / EXPORT_JSON, {"source_run": str(run.dir.resolve()), "input_shape": list(run.input_shape),
+                                         "model": run.report["model"], "verification": verification})
+        write_manifest(stage)
+        replace_dir(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     print(f"wrote {out / MODEL_PT2} and {out / MODEL_ONNX} (input shape {run.input_shape}, dynamic batch)")
     print(_verification_text(verification))
-    if not verification["passed"]:
-        raise _Failed(f"the ONNX model does not match the torch model: {verification['detail']}")
     return EXIT_OK
 
 
@@ -513,21 +863,31 @@ def _verification_text(verification: dict[str, Any]) -> str:
 def _check_onnx_file(path: Path) -> None:
     import onnx
 
+    if path.is_dir():
+        raise CLIError(f"{path} is a directory; pass the .onnx file itself, e.g. {path / MODEL_ONNX}")
     if not path.is_file():
         raise CLIError(f"{path} does not exist; pass the .onnx file written by `vpsurgery compress` or `export`")
+    if path.stat().st_size == 0:
+        raise CLIError(f"{path} is empty (0 bytes), not an ONNX model; re-export it")
     try:
-        onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise CLIError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from exc
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        raise CLIError(f"{path} holds no ONNX graph (no nodes, inputs or outputs); re-export it")
 
 
 def cmd_verify(args) -> int:
     from vpsurgery import reporting as rep
 
+    from vpsurgery.io import check_manifest
+
     onnx_path = Path(args.onnx)
     _check_onnx_file(onnx_path)
     reference = Path(args.reference) if args.reference else onnx_path.parent
-    run = load_run(reference)
+    run = load_run(reference, args.model)
+    if (onnx_path.parent / MANIFEST).is_file() and onnx_path.parent.resolve() != run.dir.resolve():
+        check_manifest(onnx_path.parent)  # an export directory: its files must be what export wrote
     verification, latency = check_onnx(onnx_path, run.small, run.dir / DENSE_ONNX, run.input_shape, args)
     ratio = run.report["totals"]["ratio"]
     print(f"{onnx_path} vs the compressed torch model of {run.dir} (input {run.input_shape})")
@@ -567,7 +927,7 @@ def _inspect_run(args) -> None:
     import vpsurgery
     from vpsurgery import reporting as rep
 
-    run = load_run(args.target)
+    run = load_run(args.target, args.model)
     x = example_batch(run.input_shape)
     gated = vpsurgery.wrap(run.dense, x)
     removed = run.report.get("structure", {}).get("removed_sections", [])
@@ -584,8 +944,11 @@ def cmd_inspect(args) -> int:
     if target.is_dir() or (target.is_file() and target.suffix == ".pt"):
         _inspect_run(args)
     elif ":" not in args.target:
-        raise CLIError(f"{target} is neither a run directory nor a model spec ({SPEC_FORMS_TEXT})")
+        raise CLIError(f"{target} is neither a run directory nor a model spec ({SPEC_FORMS_TEXT})"
+                       + _unfinished_hint(target))
     else:
+        if args.model:
+            raise CLIError("--model is for inspecting a run directory; give the MODEL spec as the argument")
         _inspect_model(args)
     return EXIT_OK
 
@@ -620,12 +983,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_check_options(parser: argparse.ArgumentParser, latency: bool = True) -> None:
-    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the ONNX check (default 1e-4)")
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the ONNX check (default 1e-5)")
+    parser.add_argument("--rtol", type=NONNEGATIVE_FLOAT, default=1e-4,
+                        help="relative tolerance of the ONNX check (default 1e-4)")
+    parser.add_argument("--atol", type=NONNEGATIVE_FLOAT, default=1e-5,
+                        help="absolute tolerance of the ONNX check (default 1e-5)")
     if latency:
-        parser.add_argument("--repeats", type=int, default=30,
+        parser.add_argument("--repeats", type=NONNEGATIVE_INT, default=30,
                             help="onnxruntime runs per model for the median latency (0: skip timing; default 30)")
-        parser.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency runs (default 1)")
+        parser.add_argument("--latency-batch", type=POSITIVE_INT, default=1,
+                            help="batch size of the latency runs (default 1)")
+
+
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="SPEC",
+                        help="the MODEL spec the run was compressed with; needed (and checked against report.json) "
+                             "when it is a package.module:factory, whose code is never imported from a run directory")
 
 
 def _compress_parser(sub) -> None:
@@ -641,17 +1013,24 @@ def _compress_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write (must be new or empty)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="dense weights to start from: a state_dict or {'model': state_dict} (loaded weights_only)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty DIR (files are replaced, never deleted)")
-    p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINTS}/ of an interrupted run")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier run in DIR (only once the new run is complete; a DIR holding files "
+                        "vpsurgery did not write is refused), or discard an unfinished DIR" + PARTIAL)
+    p.add_argument("--resume", action="store_true",
+                   help=f"finish an interrupted run: continue from DIR{PARTIAL}/{CHECKPOINTS}/ (same arguments)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help=f"keep the last training checkpoint in DIR/{CHECKPOINTS}/ (default: deleted once the run "
+                        "is complete; it is not needed to use the model)")
     p.add_argument("--download", action="store_true", help="download mnist/cifar10 into the data directory if absent")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    p.add_argument("--batch-size", type=int, default=128, help="default 128")
-    p.add_argument("--lr", type=float, default=_fit_default("lr", 0.05), help="learning rate (default: fit's)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=10, help="training epochs (default 10)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="default 128")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=_fit_default("lr", 0.05), help="learning rate (default: fit's)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=_fit_default("optimizer", "sgd"))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    p.add_argument("--image-size", type=int, help="resize images to SxS (default: the model's or the dataset's)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    p.add_argument("--image-size", type=POSITIVE_INT,
+                   help="resize images to SxS (default: the model's or the dataset's)")
+    p.add_argument("--workers", type=NONNEGATIVE_INT, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation and data order (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--show-layers", action="store_true", help="print the per-layer before/after table")
     _add_check_options(p)
@@ -663,7 +1042,7 @@ def _compress_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from vpsurgery.specs import SPEC_HELP
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vpsurgery", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Structured pruning compiler on torch.fx: train with channel and residual-section gates, "
                     "then emit a genuinely smaller model (PT2 and ONNX).",
@@ -677,7 +1056,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RUN_DIR_or_CHECKPOINT")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write model.pt2 and model.onnx")
-    p.add_argument("--force", action="store_true", help="write into a non-empty DIR (files are replaced, never deleted)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export in DIR (a DIR holding other files is refused)")
+    _add_model_option(p)
     _add_check_options(p, latency=False)
     _add_common(p)
     p.set_defaults(run=cmd_export)
@@ -691,6 +1072,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("onnx", metavar="MODEL.onnx")
     p.add_argument("--reference", metavar="RUN_DIR", help="the run directory (default: MODEL.onnx's directory)")
+    _add_model_option(p)
     _add_check_options(p)
     _add_common(p)
     p.set_defaults(run=cmd_verify)
@@ -703,6 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL-or-DIR")
     p.add_argument("--input-shape", type=_parse_shape, metavar="N,C,H,W",
                    help="input shape for a MODEL spec (default: the reference net's, else 1,3,64,64)")
+    _add_model_option(p)
     _add_common(p)
     p.set_defaults(run=cmd_inspect)
 
@@ -711,9 +1094,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into a fresh ./runs/demo-<timestamp> and prints a before/after table and the "
                                    "onnxruntime verification.")
     p.add_argument("--out", metavar="DIR", help="run directory (default: a new ./runs/demo-<timestamp>)")
-    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
-    p.add_argument("--device", default="cpu", help="default cpu")
-    p.add_argument("--price", type=float, default=DEMO_PRICE, help=f"regulariser price (default {DEMO_PRICE})")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    p.add_argument("--device", type=_device, default="cpu", help="default cpu")
+    p.add_argument("--price", type=NONNEGATIVE_FLOAT, default=DEMO_PRICE,
+                   help=f"regulariser price (default {DEMO_PRICE})")
     _add_common(p)
     p.set_defaults(run=cmd_demo)
     return parser
@@ -722,8 +1106,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ======================================================================== main
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
+    text = str(exc)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's message
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() \
+            else last
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@
 unless download=True; bad specs and unusable directories raise DataError with a one-line fix.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
@@ -115,6 +117,10 @@ def _load_mnist(root: Path, image_size: int | None, download: bool) -> DataBundl
     resize = [transforms.Resize(size)] if size != 28 else []
     transform = transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
     train, val = _official_splits(datasets.MNIST, root, {True: transform, False: transform}, download, _mnist_problem)
+    raw = root / "MNIST" / "raw"
+    for split, prefix in ((train, "train"), (val, "t10k")):
+        _check_labels(split.data, split.targets, 10, raw / f"{prefix}-images-idx3-ubyte",
+                      raw / f"{prefix}-labels-idx1-ubyte")
     return DataBundle(
         train=train, val=val, num_classes=10, input_shape=(1, size, size), name="mnist", mean=MNIST_MEAN, std=MNIST_STD
     )
@@ -139,6 +145,9 @@ def _load_cifar10(root: Path, image_size: int | None, download: bool) -> DataBun
     normalise = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     transform = {True: transforms.Compose(resize + augment + normalise), False: transforms.Compose(resize + normalise)}
     train, val = _official_splits(datasets.CIFAR10, root, transform, download, _cifar10_problem)
+    folder = root / datasets.CIFAR10.base_folder
+    for split, files in ((train, "data_batch_1..5"), (val, "test_batch")):
+        _check_labels(split.data, split.targets, 10, folder / files, folder / files)
     return DataBundle(
         train=train,
         val=val,
@@ -191,6 +200,20 @@ def _official_splits(
         raise DataError(describe_problem(root)) from error
 
 
+def _check_labels(images, labels, num_classes: int, image_file: Path, label_file: Path) -> None:
+    """One label per image, each a class index in [0, num_classes); else a DataError naming the file."""
+    labels = torch.as_tensor(labels)
+    if len(images) == 0:
+        raise DataError(f"{image_file} holds no images; restore the dataset files (or pass --download)")
+    if len(labels) != len(images):
+        raise DataError(f"{label_file} holds {len(labels)} labels for the {len(images)} images of {image_file}; "
+                        "the files must come from the same release (restore them or pass --download)")
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
+    if len(bad):
+        raise DataError(f"{label_file}: label {int(labels[bad[0]])} of image {int(bad[0])} is outside 0..{num_classes - 1} "
+                        f"({len(bad)} labels out of range); restore the file (or pass --download)")
+
+
 def _load_imagefolder(root: Path, image_size: int | None, val_fraction: float, seed: int) -> DataBundle:
     """DIR/train + DIR/val when both exist, otherwise a seeded split of DIR/train or DIR."""
     size = image_size or IMAGEFOLDER_DEFAULT_SIZE
@@ -221,11 +244,47 @@ def _load_imagefolder(root: Path, image_size: int | None, val_fraction: float, s
 
 
 def _image_folder(root: Path, transform: Callable) -> datasets.ImageFolder:
+    _check_class_folders(root)
     try:
-        return datasets.ImageFolder(str(root), transform=transform)
+        folder = datasets.ImageFolder(str(root), transform=transform, loader=_load_image)
     except FileNotFoundError as error:  # no class subfolders, or none holding an image file
         message = f"no images found under {root}; expected one subfolder per class holding .png/.jpg files"
         raise DataError(message) from error
+    for path, _ in folder.samples:
+        _check_image(path)
+    return folder
+
+
+def _check_class_folders(root: Path) -> None:
+    """At least two class folders, each holding an image (checked as torchvision will read them)."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())  # as torchvision's find_classes
+    if not classes:
+        raise DataError(f"no images found under {root}; expected one subfolder per class holding .png/.jpg files")
+    for name in classes:
+        if not any(datasets.folder.is_image_file(f) for _, _, files in os.walk(root / name, followlinks=True)
+                   for f in files):
+            raise DataError(f"class folder {root / name} holds no images ({', '.join(datasets.folder.IMG_EXTENSIONS)}); "
+                            "add images to it or remove it")
+    if len(classes) < 2:
+        raise DataError(f"{root} has one class folder ({classes[0]}); a classifier needs at least 2 classes, "
+                        "one subfolder of images per class")
+
+
+def _check_image(path: str) -> None:
+    """Open the file and check its structure (PIL's verify: headers, and chunk checksums for PNG)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:
+        raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); replace or remove it") from error
+
+
+def _load_image(path: str):
+    """torchvision's loader, with failures (e.g. a truncated JPEG, which verify cannot see) naming the file."""
+    try:
+        return datasets.folder.default_loader(path)
+    except Exception as error:
+        raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); replace or remove it") from error
 
 
 def _stratified_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
