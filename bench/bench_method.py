@@ -39,7 +39,8 @@ import vpsurgery  # noqa: E402
 from common import write_atomic  # noqa: E402
 from vpsurgery.data import load_data  # noqa: E402
 from vpsurgery.models import get_model  # noqa: E402
-from vpsurgery.objective import objective  # noqa: E402
+from vpsurgery.config import FitConfig  # noqa: E402
+from vpsurgery.train import autocast, objective  # noqa: E402
 from vpsurgery.train import AT_END, fit  # noqa: E402
 
 from common_train import DenseTrainer, evaluate, loaders  # noqa: E402
@@ -49,7 +50,7 @@ BENCH_MD = REPO / "BENCHMARKS.md"
 SECTION = "method"
 HEADING = "## Training: pruning during training"
 # fit arguments the benchmark decides itself (not method hyperparameters)
-NOT_HPARAMS = {"gated", "train_loader", "val_loader", "epochs", "loss_fn", "device", "checkpoint_dir",
+NOT_HPARAMS = {"gated", "train_loader", "val_loader", "config", "epochs", "loss_fn", "device", "checkpoint_dir",
                "resume", "progress", "log"}
 
 
@@ -66,7 +67,8 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(p.default, bool):
             group.add_argument(flag, dest=f"fit_{name}", action=argparse.BooleanOptionalAction, default=p.default)
         elif p.default is None:
-            group.add_argument(flag, dest=f"fit_{name}", type=int, default=None, help="default None")
+            kind = getattr(FitConfig, "__dataclass_fields__")[name].metadata["kind"]
+            group.add_argument(flag, dest=f"fit_{name}", type=kind, default=None, help="default None")
         else:
             group.add_argument(flag, dest=f"fit_{name}", type=type(p.default), default=p.default,
                                help=f"default {p.default!r}")
@@ -575,9 +577,8 @@ def cmd_overhead(args) -> None:
         model, gm = model.to(dev).train(), gm.to(dev).train()
         n_train = kw["n_train"] or 50_000
         opt_m = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=kw["momentum"])
-        from vpsurgery.passes.insert_gates import GATES
-        w = [p for n, p in gm.named_parameters() if not n.startswith(GATES + ".")]
-        th = [p for n, p in gm.named_parameters() if n.startswith(GATES + ".")]
+        th = [g.theta for g in vpsurgery.gates(gm).values()]
+        w = [p for p in gm.parameters() if all(p is not t for t in th)]
         opt_w = torch.optim.SGD(w, lr=1e-4, momentum=kw["momentum"])
         # theta's optimizer as fit builds it (theta_optimizer when fit has that option, else SGD)
         theta_opt = kw.get("theta_optimizer", "sgd")
@@ -588,14 +589,14 @@ def cmd_overhead(args) -> None:
                 torch.cuda.synchronize()
 
         def plain_step():
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+            with autocast(dev):
                 out = model(x)
             F.cross_entropy(out.float(), y).backward()
             opt_m.step()
             opt_m.zero_grad(set_to_none=True)
 
         def gated_step():
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+            with autocast(dev):
                 out = gm(x)
             loss = F.cross_entropy(out.float(), y) + objective(gm, n_train, price=kw["price"], sigma1=kw["sigma1"],
                                                                 per=kw["per"], prior=kw["prior"], sigma0=kw["sigma0"])

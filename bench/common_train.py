@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from vpsurgery.train import autocast
+
 
 def loaders(bundle, batch_size: int, seed: int):
     """Seeded shuffled train loader (same order for every method with the same seed) and val loader."""
@@ -32,7 +34,7 @@ def evaluate(model, loader, dev) -> float:
     correct = seen = 0
     for x, y in loader:
         x, y = x.to(dev), y.to(dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev):
             out = model(x)
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)
@@ -68,7 +70,7 @@ class DenseTrainer:
             x, y = x.to(self.dev), y.to(self.dev)
             for group in self.opt.param_groups:
                 group["lr"] = self._lr_now()
-            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
+            with autocast(self.dev):
                 out = self.model(x)
             loss = F.cross_entropy(out.float(), y)
             loss.backward()

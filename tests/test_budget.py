@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import vpsurgery
-from vpsurgery.budget import PriceController, round_to_budget, scheduled_target
+from vpsurgery.train.budget import PriceController, round_to_budget, scheduled_target
 from vpsurgery.models import get_model
-from vpsurgery.objective import expected_cost, flat_theta, set_flat_theta
+from vpsurgery.train.objective import expected_cost, flat_theta, set_flat_theta
 
 
 def test_schedule_runs_from_dense_to_target_fast_first():

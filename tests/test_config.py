@@ -5,7 +5,7 @@ import math
 import pytest
 
 from vpsurgery.config import FitConfig, default
-from vpsurgery.objective import objective
+from vpsurgery.train.objective import objective
 
 
 def test_objective_defaults_are_fits():

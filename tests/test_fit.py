@@ -9,8 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vpsurgery
 from vpsurgery.passes.shrink import SLICES_KEY
-from vpsurgery.train import (CHECKPOINT, FitConfig, NonFiniteInput, TrainingDiverged, _new_state, _project, _prune,
-                             fit)
+from vpsurgery.train import CHECKPOINT, NonFiniteInput, Pruner, TrainingDiverged, fit
 
 TEACHER_WIDTH = 4
 
@@ -65,53 +64,52 @@ def eval_loss(gm, data):
         return F.mse_loss(gm(data.tensors[0]), data.tensors[1]).item()
 
 
-def one_step(state, data):
+def one_step(model, opt, data):
     x, y = data.tensors
-    F.mse_loss(state.model(x), y).backward()
-    state.opt.step()
-    state.opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
 
 
 def test_shrinking_mid_training_keeps_the_deterministic_network_and_slices_momentum():
     gm, data = student(), teacher_data(256)
-    config = FitConfig(epochs=1, n_train=256)
-    state = _new_state(gm, config, steps_per_epoch=4, all_sections=set())
-    one_step(state, data)
+    pruner = Pruner(gm, 256, steps_per_epoch=4, epochs=1)
+    opt = torch.optim.SGD(pruner.weights(), lr=0.05, momentum=0.9)
+    one_step(pruner.model, opt, data)
     off = [3, 7, 8, 20]
     theta = torch.ones(32)
     theta[off] = 0.0
-    vpsurgery.gates(state.gm)["0"].set(theta)
-    before = eval_loss(state.gm, data)
-    old_momentum = {n: state.opt.state[p]["momentum_buffer"].clone() for n, p in state.gm.named_parameters()
-                    if p in state.opt.state}
-    state = _prune(state, config)
-    assert len(hidden_theta(state.gm)) == 28
-    assert eval_loss(state.gm, data) == pytest.approx(before, rel=1e-6, abs=1e-7)
+    vpsurgery.gates(pruner.model)["0"].set(theta)
+    before = eval_loss(pruner.model, data)
+    old_momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in pruner.model.named_parameters()
+                    if p in opt.state}
+    model, new_opt = pruner.prune(opt)
+    assert new_opt is opt and model is pruner.model  # the optimizer is updated in place
+    assert len(hidden_theta(model)) == 28
+    assert eval_loss(model, data) == pytest.approx(before, rel=1e-6, abs=1e-7)
     kept = torch.tensor([i for i in range(32) if i not in off])
-    new = dict(state.gm.named_parameters())
-    assert state.gm.meta[SLICES_KEY]["0.weight"][0].tolist() == kept.tolist()
-    assert torch.equal(state.opt.state[new["0.weight"]]["momentum_buffer"], old_momentum["0.weight"][kept])
-    assert torch.equal(state.opt.state[new["2.weight"]]["momentum_buffer"], old_momentum["2.weight"][:, kept])
-    assert torch.equal(state.opt.state[new["2.bias"]]["momentum_buffer"], old_momentum["2.bias"])
-    one_step(state, data)  # the rebuilt optimizer trains the new parameters
+    new = dict(model.named_parameters())
+    assert model.meta[SLICES_KEY]["0.weight"][0].tolist() == kept.tolist()
+    assert torch.equal(opt.state[new["0.weight"]]["momentum_buffer"], old_momentum["0.weight"][kept])
+    assert torch.equal(opt.state[new["2.weight"]]["momentum_buffer"], old_momentum["2.weight"][:, kept])
+    assert torch.equal(opt.state[new["2.bias"]]["momentum_buffer"], old_momentum["2.bias"])
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in pruner.weights()}
+    one_step(model, opt, data)  # the updated optimizer trains the new parameters
 
 
 def test_shrinking_mid_training_carries_the_theta_optimizer_sliced():
     """Adam on theta keeps its moments (sliced like theta) and its step count through a shrink."""
     gm, data = student(), teacher_data(256)
-    config = FitConfig(epochs=1, n_train=256)
-    state = _new_state(gm, config, steps_per_epoch=4, all_sections=set())
+    pruner = Pruner(gm, 256, steps_per_epoch=4, epochs=1)
     for _ in range(3):
         x, y = data.tensors
-        F.mse_loss(state.model(x), y).backward()
-        state.theta_opt.step()
-        state.theta_opt.zero_grad()
-        _project(state.gm)
-    old = dict(state.theta_opt.state[vpsurgery.gates(state.gm)["0"].theta])
+        F.mse_loss(pruner.model(x), y).backward()
+        pruner.step()
+    old = dict(pruner.theta_optimizer.state[vpsurgery.gates(pruner.model)["0"].theta])
     off = [1, 5]
-    vpsurgery.gates(state.gm)["0"].set(torch.tensor([0.0 if i in off else 1.0 for i in range(32)]))
-    state = _prune(state, config)
-    new = state.theta_opt.state[vpsurgery.gates(state.gm)["0"].theta]
+    vpsurgery.gates(pruner.model)["0"].set(torch.tensor([0.0 if i in off else 1.0 for i in range(32)]))
+    pruner.prune()
+    new = pruner.theta_optimizer.state[vpsurgery.gates(pruner.model)["0"].theta]
     kept = [i for i in range(32) if i not in off]
     assert float(new["step"]) == float(old["step"]) == 3.0
     assert torch.equal(new["exp_avg"], old["exp_avg"][kept])

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import vpsurgery
 from vpsurgery.models import get_model
-from vpsurgery.objective import objective
+from vpsurgery.train.objective import objective
 
 
 def tiny(theta):
@@ -106,7 +106,7 @@ def test_bad_arguments(kwargs, message):
 
 @pytest.mark.parametrize("per", ["params", "flops"])
 def test_expected_cost_is_the_shrunk_networks_cost_at_hard_gates(per):
-    from vpsurgery.objective import expected_cost, macs_per_weight_entry
+    from vpsurgery.train.objective import expected_cost, macs_per_weight_entry
 
     def cost(m):
         if per == "params":

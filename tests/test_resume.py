@@ -147,14 +147,15 @@ def test_interrupted_and_resumed_is_the_uninterrupted_run(interrupt, resumed_fro
     # the hardened state came back from the checkpoint: hardening is not redone (nor re-measured)
     assert any(line.startswith("hardening") for line in lines) == (resumed_from < 3)
     done = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    assert done["hard"] and done["decided_before_hardening"] == reference.history[-1]["decided_before_hardening"]
+    assert done["pruner"]["hard"]
+    assert done["pruner"]["decided_before_hardening"] == reference.history[-1]["decided_before_hardening"]
 
 
 def check_theta_optimizer_state(ckpt, epoch):
     """Adam's state of theta is in the checkpoint, sliced like theta by the shrinks, and its step
     count is every step so far (not restarted by a shrink)."""
     thetas = [v for k, v in ckpt["model"].items() if k.startswith("vps_gates.")]
-    state = ckpt["theta_optimizer"]["state"]
+    state = ckpt["pruner"]["theta_optimizer"]["state"]
     assert len(state) == len(thetas)
     assert sorted(s["exp_avg"].shape for s in state.values()) == sorted(t.shape for t in thetas)
     assert {float(s["step"]) for s in state.values()} == {min(epoch, 2) * STEPS}  # theta is frozen once hard
@@ -167,7 +168,7 @@ def test_a_run_that_removes_every_gate_finishes_and_resumes(loaders, tmp_path):
     args = {**FIT, "epochs": 2, "price": 1.0, "theta_lr": 0.5}
     with pytest.raises(Interrupted):
         fit(sections_only, loaders[0], **args, checkpoint_dir=tmp_path, log=after_epoch(1))
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["theta_optimizer"] is None
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["pruner"]["theta_optimizer"] is None
     result = fit(sections_only, loaders[0], **args, checkpoint_dir=tmp_path, resume=True, log=lambda line: None)
     assert result.removed_sections == {"sec_add", "sec_add_1"} and not vpsurgery.gates(result.model)
 

@@ -2,10 +2,10 @@
 from vpsurgery.gates import ChannelGate, ChannelMask, Gate, SectionGate
 from vpsurgery.passes.trace import ExampleInputError, TraceError
 from vpsurgery.passes.shrink import ShrinkError
-from vpsurgery.objective import objective
-from vpsurgery.train import FitResult, TrainingDiverged, fit
+from vpsurgery.train import FitResult, Pruner, TrainingDiverged, fit, objective
 from vpsurgery.surgery import gates, kept_map, plan, replay, report, shrink, wrap
 
-__all__ = ["fit", "FitResult", "TrainingDiverged", "objective", "wrap", "gates", "shrink", "plan", "report", "kept_map", "replay", "Gate", "ChannelGate", "SectionGate", "ChannelMask",
+__all__ = ["fit", "FitResult", "TrainingDiverged", "Pruner", "objective", "wrap", "gates", "shrink", "plan", "report",
+           "kept_map", "replay", "Gate", "ChannelGate", "SectionGate", "ChannelMask",
            "TraceError", "ExampleInputError", "ShrinkError"]
 __version__ = "0.1.0"

@@ -1,14 +1,14 @@
 """The one source of the training settings: `FitConfig`.
 
-`fit`, `objective`, `Pruner`-style loops, checkpoints (compared on resume) and the command line
-(`compress --price ...`, generated from these fields) all read their defaults and their checks
-from here, so a default is written once. Each field's metadata holds its help text, its choices or
+`fit`, `Pruner`, `objective`, the Lightning callback, checkpoints (compared on resume) and the
+command line (`compress --price ...`, generated from these fields) all read their defaults and
+their checks from here, so a default is written once; `make_config` applies keyword overrides. Each field's metadata holds its help text, its choices or
 its valid range; `FitConfig(...)` refuses a bad value with a message that names the setting.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 PRIORS = ("slab", "spike_and_slab")
@@ -31,26 +31,40 @@ class FitConfig:
     lr: float = setting(0.05, "learning rate of the weights (cosine-annealed per step)", low=0, low_open=True)
     optimizer: str = setting("sgd", "optimizer of the weights", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum of the weights", low=0, high=1, high_open=True)
-    theta_lr: float = setting(0.01, "step size of the gate probabilities theta (annealed with lr)",
+    theta_lr: float = setting(0.01, "step size of the gate probabilities theta, annealed with the weights' cosine "
+                                    "schedule (with target and theta_optimizer=adam it is raised, if needed, so "
+                                    "that theta can travel from 1 to 0 within the run; docs/budget.md)",
                               low=0, low_open=True)
-    theta_optimizer: str = setting("adam", "optimizer of theta (projected onto [0, 1] after each step)",
-                                   choices=OPTIMIZERS)
-    estimator: str = setting("straight_through", "theta's gradient estimator", choices=ESTIMATORS)
-    price: float = setting(0.01, "regulariser price per kept parameter (per=params) or per kept MAC per "
-                                 "example (per=flops)", low=0)
-    sigma1: float = setting(1.0, "slab standard deviation of the weight prior", low=0, low_open=True)
-    per: str = setting("params", "what the price counts", choices=PER)
-    prior: str = setting("slab", "reading of the weight prior (docs/method.md)", choices=PRIORS)
-    sigma0: float = setting(0.01, "spike standard deviation (prior=spike_and_slab)", low=0, low_open=True)
+    theta_optimizer: str = setting("adam", "optimizer of theta: adam (scale-free steps, the default) or plain sgd; "
+                                           "theta is projected onto [0, 1] after each step", choices=OPTIMIZERS)
+    estimator: str = setting("straight_through", "theta's gradient estimator: straight_through (one pass) or "
+                                                 "disarm (unbiased, two passes; fit only)", choices=ESTIMATORS)
+    price: float = setting(0.01, "regulariser price in nats of total training loss per kept parameter "
+                                 "(per=params) or per kept MAC per example (per=flops); ignored when target "
+                                 "is set (the price is then found during training)", low=0)
+    target: float | None = setting(None, "share of the dense model's cost (what per counts) that the final model "
+                                         "keeps, in (0, 1], e.g. 0.3; the price is then found during training and "
+                                         "the last rounding meets it exactly; unset: prune at the given price",
+                                   kind=float, low=0, high=1, low_open=True)
+    per: str = setting("params", "what price and target count: params (kept parameters) or flops (kept "
+                                 "conv/linear multiply-accumulates per example)", choices=PER)
+    sigma1: float = setting(1.0, "slab standard deviation of the weight prior (weight decay 1/(n_train "
+                                 "sigma1^2) on active weights)", low=0, low_open=True)
+    prior: str = setting("slab", "reading of the weight prior: slab or spike_and_slab (docs/method.md)",
+                         choices=PRIORS)
+    sigma0: float = setting(0.01, "spike standard deviation (prior=spike_and_slab only)", low=0, low_open=True)
     harden: float = setting(0.2, "share of the epochs, at the end, that train the rounded network with theta "
-                                 "frozen", low=0, high=1, high_open=True)
-    prune_every: int = setting(20, "steps between physical removals of structures at theta <= prune_threshold",
-                               low=1)
-    prune_threshold: float = setting(0.0, "theta at or below which a structure is removed during training",
+                                 "frozen (theta >= 0.5 kept, or with target the rounding that meets it)",
+                            low=0, high=1, high_open=True)
+    prune_every: int = setting(20, "optimizer steps between physical removals of the structures whose theta is "
+                                   "<= prune_threshold (also at the end of each epoch)", low=1)
+    prune_threshold: float = setting(0.0, "theta at or below which a structure is removed during training "
+                                          "(0: theta reached 0 under the projection)",
                                      low=0, high=1, high_open=True)
     n_train: int | None = setting(None, "training examples the regulariser is divided by (default: the "
-                                        "dataset's length)", kind=int, low=1)
-    seed: int = setting(0, "seed of each epoch's data order and gate samples (derived from seed and epoch)")
+                                        "training set's length)", kind=int, low=1)
+    seed: int = setting(0, "seed of each epoch's data order, gate samples and dropout (derived from seed and "
+                           "epoch, so a resumed run is the same run)")
 
     def __post_init__(self):
         for f in fields(self):
@@ -70,6 +84,20 @@ class FitConfig:
         if unknown:
             raise ValueError(f"unknown fit setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def make_config(config: "FitConfig | None" = None, settings: dict[str, Any] | None = None) -> FitConfig:
+    """`config` (default: FitConfig()) with `settings` overriding the fields of the same names;
+    ValueError naming an unknown setting and listing the valid ones, or naming a bad value."""
+    if config is None:
+        config = FitConfig()
+    elif not isinstance(config, FitConfig):
+        raise ValueError(f"config must be a vpsurgery.config.FitConfig, got a {type(config).__name__}")
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown fit setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(_FIELDS))}")
+    return replace(config, **settings) if settings else config
 
 
 def default(name: str):

@@ -130,13 +130,20 @@ def objective(gm: fx.GraphModule, n_train: int, *, price: float = default("price
               sigma1: float = default("sigma1"), per: str = default("per"), prior: str = default("prior"),
               sigma0: float = default("sigma0")) -> torch.Tensor:
     """The regulariser per training example, R / n_train (add it to the mean minibatch loss).
-The defaults are fit's (vpsurgery.config.FitConfig).
+    The defaults are fit's (vpsurgery.config.FitConfig).
 
     price: nats per kept parameter (per='params') or per kept MAC per example (per='flops');
     sigma1: slab standard deviation (weight decay 1/(n_train sigma1^2) on active weights);
     prior='spike_and_slab' adds the spike term (1 - a_e) w_e^2 / (2 sigma0^2) (first reading of
     docs/method.md; it prunes prematurely and is kept for comparison only).
     """
+    return objective_and_cost(gm, n_train, price=price, sigma1=sigma1, per=per, prior=prior, sigma0=sigma0)[0]
+
+
+def objective_and_cost(gm: fx.GraphModule, n_train: int, *, price: float, sigma1: float, per: str, prior: str,
+                       sigma0: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective(...), expected_cost(gm, per)) from one pass over the parameters; the cost is
+    detached (what a budget controller reads)."""
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     if per not in PER:
@@ -147,7 +154,7 @@ The defaults are fit's (vpsurgery.config.FitConfig).
     total = slab / (2 * sigma1 ** 2) + price * cost
     if prior == "spike_and_slab":
         total = total + spike / (2 * sigma0 ** 2)
-    return total / n_train
+    return total / n_train, cost.detach()
 
 
 def expected_cost(gm: fx.GraphModule, per: str = "params", theta: torch.Tensor | None = None) -> torch.Tensor:

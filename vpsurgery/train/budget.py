@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from vpsurgery.objective import expected_cost, flat_theta, weight_mass
+from vpsurgery.train.objective import expected_cost, flat_theta, weight_mass
 
 
 def scheduled_target(target: float, progress: float) -> float:
