@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .channels import ChannelSpace, Layout
 from .plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
-from .rules import MODULE_RULES, CallArgs, Unsupported, lookup
+from .rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
 
 MAX_PARAM_IDS = 1 << 21  # a parameter combined elementwise gets one id per element; cap the cost
 
@@ -167,11 +167,108 @@ def _flatten(x):
         yield x
 
 
+# Ops whose size arguments shrink rewrites consistently (literal or computed, passes/rules.py).
+_SIZE_CONSUMERS = {"view", "reshape", "expand", "unflatten", "split", "chunk", torch.reshape, torch.unflatten,
+                   torch.split, torch.chunk}
+
+
+def _is_size_arithmetic(node: fx.Node) -> bool:
+    """A node computing a Python number or size tuple (x.size(1) // 2): followed to its consumers."""
+    meta = node.meta.get("tensor_meta")
+    if node.op not in ("call_function", "call_method") or node.target is torch._assert:
+        return False
+    return not is_tensor_meta(meta) and not (isinstance(meta, (tuple, list)) and meta and
+                                             all(is_tensor_meta(m) for m in meta))
+
+
+def _pin_channel_counts(w: ChannelWalker) -> None:
+    """A channel count read as a number (`n, c, h, w = x.size()`) changes when channels go. Where
+    it only sets the sizes of a view/reshape/expand/split, shrink rewrites them; anywhere else (a
+    scale `y / c`, torch.zeros(n, c), an assert) the result would change, so those channels stay."""
+    memo: dict = {}
+    for node in w.gm.graph.nodes:
+        if _is_size_arithmetic(node):
+            continue
+        sizes_ok = node.target in _SIZE_CONSUMERS and node.op in ("call_function", "call_method")
+        for value in node.all_input_nodes:
+            if is_tensor_meta(value.meta.get("tensor_meta")) or not _is_size_arithmetic(value):
+                continue
+            if sizes_ok and (not node.args or value is not node.args[0]):
+                continue
+            for t, d in size_deps(value, memo):
+                lay = w.layouts.get(t)
+                if not isinstance(lay, Layout) or lay.dim is None or lay.ids.shape[lay.dim] <= 1:
+                    continue
+                if d is None or d == lay.dim:
+                    reason = f"the channel count of a tensor is used as a number by {describe(node, w.modules)}"
+                    w.space.pin(lay.ids, reason)
+                    w.pin_sites[reason].add(node.name)
+
+
+def _couple_tied_parameters(w: ChannelWalker) -> None:
+    """A Parameter shared by several modules (`self.b.weight = self.a.weight`) is sliced once, so the
+    channels along each of its dims are one unit in every module that holds it. Where that cannot be
+    said (a holder without a channel rule, one that reads it as a graph attribute, dims that only one
+    holder maps to channels) its holders' channels are pinned, and the tie is reported."""
+    called = {n.target for n in w.gm.graph.nodes if n.op == "call_module"}
+    uses: dict[int, list[tuple[str | None, str]]] = defaultdict(list)  # id -> (module, pname) | (None, attr)
+    for mname, m in w.gm.named_modules(remove_duplicate=False):
+        if mname in called:
+            for pname, p in m.named_parameters(recurse=False):
+                uses[id(p)].append((mname, pname))
+    for target in {n.target for n in w.gm.graph.nodes if n.op == "get_attr"}:
+        owner, _, leaf = target.rpartition(".")
+        try:
+            t = getattr(w.gm.get_submodule(owner) if owner else w.gm, leaf)
+        except AttributeError:
+            continue
+        if isinstance(t, torch.nn.Parameter):
+            uses[id(t)].append((None, target))
+    for key, used in uses.items():
+        used = sorted(set(used), key=str)
+        if len(used) < 2:
+            continue
+        mapped, pin = [], False
+        for m, pname in used:
+            module = w.modules.get(m) if m is not None else None
+            rule = MODULE_RULES.get(type(module)) if module is not None else None
+            dims = (rule.params(module) if rule is not None and rule.params else {}).get(pname)
+            if dims is None:
+                pin = True  # read where no module axis follows it (a graph attribute, a module without a rule)
+                dims = {}
+            mapped.append((m, dims))
+        all_dims = {d for _, dims in mapped for d in dims}
+        if any(set(dims) != all_dims for _, dims in mapped):
+            pin = True
+        if pin:
+            names = sorted({m if m is not None else p for m, p in used})
+            reason = (f"parameter tied between {', '.join(names)} (weight sharing) that cannot all be "
+                      f"sliced alike")
+            for m, dims in mapped:
+                for axis in dims.values():
+                    if (m, axis) in w.module_ids:
+                        w.space.pin(w.module_ids[(m, axis)], reason)
+            for m, pname in used:
+                if m is None and pname in w.param_ids:
+                    w.space.pin(w.param_ids[pname], reason)
+            w.pin_sites[reason].update(n.name for n in w.gm.graph.nodes
+                                       if (n.op == "call_module" and n.target in names)
+                                       or (n.op == "get_attr" and n.target in names))
+            continue
+        for d in sorted(all_dims):
+            ids = [w.module_ids[(m, dims[d])] for m, dims in mapped if (m, dims[d]) in w.module_ids]
+            for other in ids[1:]:
+                if len(other) == len(ids[0]):
+                    w.space.union(ids[0], other)
+
+
 # ------------------------------------------------------------------------------ reading off the plan
 def analyse_channels(gm: fx.GraphModule, example: list) -> Plan:
     """Run the channel walk over a shape-propagated GraphModule and return its Plan."""
     w = ChannelWalker(gm)
     w.run()
+    _pin_channel_counts(w)
+    _couple_tied_parameters(w)
     space = w.space
 
     # A parameter whose channels ended up on more than one dim cannot be sliced to a rectangle.
@@ -296,6 +393,7 @@ def _unit_costs(gm, modules, module_axes, node_axes):
     channel both go is counted twice, as in every L0-style size penalty)."""
     params: dict[int, float] = defaultdict(float)
     macs: dict[int, float] = defaultdict(float)
+    seen = set()  # a parameter tied between modules is counted once
     for name, axes in module_axes.items():
         m = modules[name]
         rule = MODULE_RULES.get(type(m))
@@ -303,8 +401,9 @@ def _unit_costs(gm, modules, module_axes, node_axes):
             continue
         for pname, dims in rule.params(m).items():
             t = getattr(m, pname, None)
-            if not isinstance(t, torch.nn.Parameter):
+            if not isinstance(t, torch.nn.Parameter) or id(t) in seen:
                 continue
+            seen.add(id(t))
             for d, axis_name in dims.items():
                 per_position = t.numel() // t.shape[d]
                 for u in axes[axis_name].units:

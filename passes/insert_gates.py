@@ -41,10 +41,10 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0, per_example:
 
     z = {}
     for name, group in plan.groups.items():
-        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init, per_example=per_example)
+        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init, per_example=per_example, name=name)
     for name, section in plan.sections.items():
         branch = nodes[section.add].args[section.branch_arg]
-        getattr(gm, GATES)[name] = SectionGate(init, per_example=per_example,
+        getattr(gm, GATES)[name] = SectionGate(init, per_example=per_example, name=name,
                                                branch_ndim=len(branch.meta["tensor_meta"].shape))
     with gm.graph.inserting_after(anchor):
         for name in reversed(list(plan.groups) + list(plan.sections)):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -64,6 +65,69 @@ class CallArgs:
         if not rest and name in self.node.kwargs:
             return list(self.node.kwargs[name])
         return list(rest)
+
+
+# --------------------------------------------------------------------------- sizes read as numbers
+def _meta_is_tensor(value) -> bool:
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    return meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype")
+
+
+def whole_shape_of(node) -> fx.Node | None:
+    """The tensor whose whole shape `node` is (`x.size()`, `x.shape`), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not _meta_is_tensor(node.args[0]):
+        return None
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1 and "dim" not in node.kwargs:
+        return node.args[0]
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
+        return node.args[0]
+    return None
+
+
+ALL_DIMS = None  # in a size dependency: the tensor's whole shape (or its values)
+
+
+def size_deps(value, memo: dict | None = None) -> frozenset:
+    """Which sizes of which tensors a Python number (or size tuple) computed in the graph depends on:
+    a set of (tensor node, dim), dim ALL_DIMS when it reads the whole shape or the tensor's values."""
+    if not isinstance(value, fx.Node):
+        if isinstance(value, (tuple, list)):
+            return frozenset().union(*(size_deps(v, memo) for v in value)) if value else frozenset()
+        if isinstance(value, slice):
+            return size_deps((value.start, value.stop, value.step), memo)
+        return frozenset()
+    memo = {} if memo is None else memo
+    if value in memo:
+        return memo[value]
+    node, out = value, None
+    if _meta_is_tensor(node):
+        out = frozenset({(node, ALL_DIMS)})
+    elif whole_shape_of(node) is not None:
+        out = frozenset({(whole_shape_of(node), ALL_DIMS)})
+    elif node.op == "call_function" and node.target is operator.getitem and whole_shape_of(node.args[0]) is not None:
+        t, index = whole_shape_of(node.args[0]), node.args[1]
+        ndim = len(t.meta["tensor_meta"].shape)
+        if isinstance(index, int):
+            out = frozenset({(t, index % ndim)})
+        elif isinstance(index, slice) and all(isinstance(v, (int, type(None))) for v in (index.start, index.stop, index.step)):
+            out = frozenset((t, d) for d in range(ndim)[index])
+    elif node.op == "call_method" and node.target == "size" and node.args and _meta_is_tensor(node.args[0]):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dim, int):
+            out = frozenset({(node.args[0], dim % len(node.args[0].meta["tensor_meta"].shape))})
+    elif (node.op == "call_method" and node.target in ("dim", "ndimension")) or (
+            node.op == "call_function" and node.target is getattr and node.args[1] in ("ndim", "dtype", "device",
+                                                                                        "is_cuda", "layout")):
+        out = frozenset()
+    elif node.op == "call_function" and node.target is len and node.args and _meta_is_tensor(node.args[0]):
+        out = frozenset({(node.args[0], 0)})
+    elif node.op == "call_function" and node.target is len and whole_shape_of(node.args[0]) is not None:
+        out = frozenset()  # the number of dims
+    if out is None:
+        out = frozenset().union(*(size_deps(a, memo) for a in node.all_input_nodes)) if node.all_input_nodes \
+            else frozenset()
+    memo[value] = out
+    return out
 
 
 MODULE_RULES: dict[type, Rule] = {}
@@ -376,6 +440,25 @@ def _interpolate(ctx):
 FUNCTION_RULES[F.interpolate] = Rule(analyse=_interpolate)
 
 
+def _pad(ctx):
+    """F.pad: channels pass through dims it does not pad; padding the channel dim adds positions
+    that belong to no channel, so those channels stay."""
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    pad = ctx.arg(1, "pad")
+    if not isinstance(pad, (tuple, list)) or len(ctx.out_shape) != ndim:
+        raise Unsupported("pad with computed pad sizes")
+    for i in range(len(pad) // 2):
+        d = ndim - 1 - i
+        amounts = pad[2 * i:2 * i + 2]
+        if (d == lay.dim or lay.ids.shape[d] > 1) and any(not isinstance(a, int) or a != 0 for a in amounts):
+            raise Unsupported("pad of the channel dim")  # its channels stay; the output is new
+    return lay
+
+
+FUNCTION_RULES[F.pad] = Rule(analyse=_pad)
+
+
 def _reduction(ctx):
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
@@ -447,15 +530,26 @@ def _reshape(ctx):
 
 
 def _rewrite_sizes(ctx):
-    """view/reshape/expand: replace the literal size of every dim whose length changed."""
-    new = ctx.new_out_shape
-    old = ctx.old_out_shape
-    sizes = ctx.varargs(1, "shape" if ctx.node.target != "expand" else "size")
+    """view/reshape/expand: the size arguments, literal or computed, made consistent with the new shape."""
+    expand = ctx.node.target == "expand"
+    sizes = ctx.varargs(1, "size" if expand else "shape")
+    old, new = ctx.old_out_shape, ctx.new_out_shape
+    if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and len(old) != 1:
+        if old == tuple(new) and not ctx.size_change(sizes[0])[0]:
+            return
+        sizes = ctx.unpack_sizes(sizes[0], len(old))  # x.view(y.shape): one entry per dim
+        if sizes is None:
+            return
     if len(sizes) != len(old):
         return
-    fixed = [(n if (o != n and not (isinstance(s, int) and s == -1)) else s)
-             for s, o, n in zip(sizes, old, new)]
-    ctx.set_varargs(1, fixed)
+    keep_dim = None
+    if expand:  # -1 keeps the input's size; usable where the input is not broadcast along that dim
+        in_new = ctx.new_shape_of(ctx.arg(0))
+        pad = len(new) - len(in_new)
+        keep_dim = [i >= pad and in_new[i - pad] == new[i] for i in range(len(new))]
+    fixed = ctx.consistent_sizes(sizes, old, new, keep_dim)
+    if fixed != sizes:
+        ctx.set_varargs(1, fixed)
 
 
 _reshape_rule = Rule(analyse=_reshape, rewrite=_rewrite_sizes)
@@ -472,7 +566,9 @@ def _unflatten_rewrite(ctx):
     sizes = list(ctx.arg(2, "sizes"))
     new = ctx.new_out_shape[dim:dim + len(sizes)]
     old = ctx.old_out_shape[dim:dim + len(sizes)]
-    ctx.set_arg(2, "sizes", tuple(n if (o != n and s != -1) else s for s, o, n in zip(sizes, old, new)))
+    fixed = ctx.consistent_sizes(sizes, old, new)
+    if fixed != sizes:
+        ctx.set_arg(2, "sizes", tuple(fixed))
 
 
 _register(METHOD_RULES, ("unflatten",), Rule(analyse=_reshape, rewrite=_unflatten_rewrite))

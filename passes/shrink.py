@@ -9,7 +9,7 @@ training). The result is re-shape-propagated and every node checked against the 
 from __future__ import annotations
 
 import copy
-import inspect
+import numbers
 import operator
 
 import numpy as np
@@ -18,11 +18,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .groups import is_tensor_meta, tensor_meta
+from .inplace import is_inplace, may_alias
 from .insert_gates import GATES, MASKS, mask_index, site_groups
 from .plan import Axis, Plan
 from .sections import network_depth
-from .rules import MODULE_RULES, CallArgs, lookup
-from .trace import propagate_shapes
+from .rules import MODULE_RULES, CallArgs, lookup, size_deps
+from .trace import NodeFailure, propagate_shapes
 
 PLAN_KEY = "vpsurgery.plan"
 SLICES_KEY = "vpsurgery.slices"  # qualified parameter name -> {dim: kept indices}, for optimizer state
@@ -32,12 +33,88 @@ class ShrinkError(RuntimeError):
     """The shrunk graph disagrees with the plan: a bug in a channel rule, never silently ignored."""
 
 
+# GraphModule pickles its __dict__ but rebuilds itself with an empty `meta` (torch.save, pickle and
+# copy.copy of a whole module): an attribute that is the same dict as `meta` comes back, and restores it.
+SAVED_META = "_vpsurgery_meta"
+NODES_KEY = "vpsurgery.nodes"  # node names in graph order, checked against the graph rebuilt on load
+
+
+def set_plan(gm: fx.GraphModule, plan: Plan) -> None:
+    gm.meta[PLAN_KEY] = plan
+    gm.meta[NODES_KEY] = [(n.name, n.op) for n in gm.graph.nodes]
+    _keep_meta(gm)
+
+
+def _keep_meta(gm: fx.GraphModule) -> None:
+    gm.__dict__[SAVED_META] = gm.meta
+    hooks = gm.__dict__.get("_deepcopy_hooks")
+    if isinstance(hooks, list) and _keep_meta not in hooks:
+        hooks.append(_keep_meta)  # deepcopy builds a fresh module: alias its (copied) meta again
+
+
+def _containers_as_dicts(gm: fx.GraphModule) -> None:
+    """copy.copy of a GraphModule rebuilds the gate and mask containers as plain Modules: make them
+    ModuleDicts again (same children)."""
+    for name in (GATES, MASKS):
+        container = gm._modules.get(name)
+        if container is not None and not isinstance(container, nn.ModuleDict):
+            gm._modules[name] = nn.ModuleDict(dict(container.named_children()))
+
+
+_HOW_TO_SAVE = ("torch.save(gated.state_dict()), then vpsurgery.wrap(model) on the original model again and "
+                "load_state_dict; for a shrunk model, save vpsurgery.kept_map(small) too and rebuild it with "
+                "vpsurgery.replay(model, kept_map) before load_state_dict")
+
+
+def _rename_nodes(gm: fx.GraphModule, names: list[str]) -> None:
+    """The same graph with the given node names (in order): rebuilt, since fx never frees a name."""
+    graph, env = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls), {}
+    for node, name in zip(gm.graph.nodes, names):
+        env[node] = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
+                                      fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
+        env[node].meta = dict(node.meta)
+    gm.graph = graph
+    gm.recompile()
+
+
 def plan_of(gm: fx.GraphModule) -> Plan:
-    try:
-        return gm.meta[PLAN_KEY]
-    except (AttributeError, KeyError):
-        raise ValueError("this module was not made by vpsurgery.wrap (it has no surgery plan); "
-                         "call vpsurgery.wrap(model) first") from None
+    meta = getattr(gm, "meta", None) if isinstance(gm, fx.GraphModule) else None
+    if isinstance(meta, dict) and PLAN_KEY in meta:
+        if gm.__dict__.get(SAVED_META) is not meta:
+            _keep_meta(gm)
+        _containers_as_dicts(gm)
+        return meta[PLAN_KEY]
+    saved = gm.__dict__.get(SAVED_META) if isinstance(gm, fx.GraphModule) else None
+    if isinstance(saved, dict) and PLAN_KEY in saved:
+        return _restore(gm, saved)
+    if isinstance(gm, nn.Module) and GATES in gm._modules:
+        raise ValueError("this module has vpsurgery gates but lost its surgery plan (a whole gated model saved "
+                         "by another tool or an older vpsurgery?): save and restore it instead as "
+                         + _HOW_TO_SAVE) from None
+    raise ValueError("this module was not made by vpsurgery.wrap (it has no surgery plan); "
+                     "call vpsurgery.wrap(model) first") from None
+
+
+def _restore(gm: fx.GraphModule, saved: dict) -> Plan:
+    """After unpickling: put the plan back, check the rebuilt graph has the same nodes, and
+    re-propagate the shapes (node metadata does not survive pickling)."""
+    nodes = [(n.name, n.op) for n in gm.graph.nodes]
+    want = [tuple(x) for x in saved.get(NODES_KEY, nodes)]
+    if want != nodes and [op for _, op in want] == [op for _, op in nodes]:
+        _rename_nodes(gm, [name for name, _ in want])  # the rebuilt graph numbers its nodes afresh
+        nodes = [(n.name, n.op) for n in gm.graph.nodes]
+    if want != nodes:
+        raise ValueError("this module was saved as a whole and its graph came back different from the one "
+                         "its surgery plan describes; save and restore it instead as " + _HOW_TO_SAVE)
+    for k, v in gm.meta.items():
+        saved.setdefault(k, v)
+    gm.meta = saved
+    _keep_meta(gm)
+    plan = saved[PLAN_KEY]
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        propagate_shapes(gm, [torch.zeros(s, dtype=getattr(torch, d), device=device) for s, d in plan.example])
+    return plan
 
 
 def decide(gm: fx.GraphModule, plan: Plan, threshold: float) -> tuple[set[int], set[str]]:
@@ -50,9 +127,27 @@ def decide(gm: fx.GraphModule, plan: Plan, threshold: float) -> tuple[set[int], 
     return removed_units, removed_sections
 
 
+def check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"shrink: threshold must be a number in (0, 1] (structures whose theta is below it "
+                         f"are removed; the default is 0.5), got {threshold!r}")
+    return float(threshold)
+
+
 def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False,
            removed_units: set[int] | None = None, removed_sections: set[str] | None = None) -> fx.GraphModule:
+    threshold = check_threshold(threshold)
     plan = plan_of(gated)
+    stage = ["copying the gated model"]
+    try:
+        return _shrink(gated, plan, threshold, keep_gates, removed_units, removed_sections, stage)
+    except ShrinkError:
+        raise
+    except Exception as e:
+        raise _internal(e, stage[0]) from e
+
+
+def _shrink(gated, plan, threshold, keep_gates, removed_units, removed_sections, stage):
     gm = copy.deepcopy(gated)
     gm.meta[SLICES_KEY] = {}
     if removed_units is None or removed_sections is None:
@@ -60,6 +155,7 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     removed_sections = set(removed_sections) & set(plan.sections)  # earlier shrinks removed the rest
     theta = _unit_theta(gm, plan)
 
+    stage[0] = "removing residual sections"
     _remove_sections(gm, plan, removed_sections)
     alive = {n.name for n in gm.graph.nodes}
     decided = set(removed_units)
@@ -67,15 +163,19 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     for u in decided - removed_units:  # kept only so no tensor is empty: it still counts as removed,
         theta[u] = 0.0  # so its consumers read it with zero weight (not with its sub-threshold theta)
 
-    _slice_modules(gm, plan, removed_units)
+    _slice_modules(gm, plan, removed_units, stage)
+    stage[0] = "slicing parameters"
     _slice_params(gm, plan, removed_units)
+    stage[0] = "rewriting size arguments"
     _rewrite_calls(gm, plan, removed_units)
     new_plan = plan.restrict(removed_units, removed_sections, set(), set())
+    stage[0] = "slicing the gates" if keep_gates else "folding the gates into the weights"
     if keep_gates:
         _slice_gates(gm, plan, new_plan, removed_units)
     else:
         _fold_gates(gm, plan, new_plan, removed_units, theta)
 
+    stage[0] = "removing dead code"
     eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -90,9 +190,10 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     else:
         new_plan.sites = {k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})}
         new_plan.groups = {k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})}
+    stage[0] = "checking the shrunk graph's shapes"
     _check_shapes(gm, plan, removed_units)
     new_plan.depth = network_depth(gm)
-    gm.meta[PLAN_KEY] = new_plan
+    set_plan(gm, new_plan)
     return gm
 
 
@@ -106,65 +207,24 @@ def _unit_theta(gm, plan) -> dict[int, float]:
 
 
 # ---------------------------------------------------------------------------------- dead code
-# fx's dead-code elimination treats every call_method (and most calls) as pure, so it deletes an
-# in-place op whose result is unused (`x.relu_()`, `y.mul_(s)`, `F.relu(x, inplace=True)`) although
-# later readers of x see its effect. An in-place op stays unless nothing else reads the tensor it
-# mutates (through the views and in-place ops that alias it): then it is dead with that tensor, as in
-# a removed residual branch.
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
-_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
-                 "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "contiguous", "t", "detach", "split",
-                 "chunk", "unbind", "as_strided", "movedim", "moveaxis", "swapaxes", "select", "diagonal",
-                 "unfold", "real", "imag", "view_as_real", "type_as", "to", "float", "double", "half"}
-_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                   torch.unsqueeze, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
-                   torch.moveaxis, torch.swapaxes, torch.select, torch.detach, torch.t, torch.as_strided,
-                   torch.diagonal, torch.unflatten, torch.nn.functional.dropout, torch.nn.functional.dropout1d,
-                   torch.nn.functional.dropout2d, torch.nn.functional.dropout3d}
-_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-
-
-def _is_inplace(node: fx.Node, modules) -> bool:
-    if node.op == "call_method":
-        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        if node.target in _INPLACE_OPERATORS:
-            return True
-        name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.startswith("_"):  # torch.relu_, torch.sigmoid_, ...
-            return True
-        try:
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError):
-            return node.kwargs.get("inplace", False) is True
-        return bound.arguments.get("inplace", False) is True
-    if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
-    return False
-
-
-def _aliases_input(node: fx.Node, modules) -> bool:
-    return _is_inplace(node, modules) or (
-        (node.op == "call_method" and node.target in _VIEW_METHODS)
-        or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
-        or (node.op == "call_module" and isinstance(modules.get(node.target), _VIEW_MODULES)))
-
-
+# fx's dead-code elimination treats every call_method (and most calls) as pure, so it would delete
+# an in-place op whose result is unused although later readers of its input see its effect. Wrap
+# makes in-place ops out-of-place where it can (passes/inplace.py); one left in place stays unless
+# nothing else reads the tensor it mutates (through the views and in-place ops that alias it): then
+# it is dead with that tensor, as in a removed residual branch.
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
     modules = dict(gm.named_modules())
 
     def impure(node: fx.Node) -> bool:
         if node.is_impure():
             return True
-        if not _is_inplace(node, modules):
+        if not is_inplace(node, modules):
             return False
         prev, cur = node, (node.args[0] if node.args else None)
         while isinstance(cur, fx.Node):  # the mutated tensor and every tensor it is a view of
             if any(u is not prev for u in cur.users):
                 return True
-            if not _aliases_input(cur, modules):
+            if not may_alias(cur, modules):
                 return False
             prev, cur = cur, (cur.args[0] if cur.args else None)
         return False
@@ -201,37 +261,50 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------- slicing
-def _slice_modules(gm, plan, removed):
+def _slice_modules(gm, plan, removed, stage):
     done = set()
+    shared: dict[int, tuple] = {}  # a parameter tied between modules is sliced once, and stays tied
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in done or node.target not in plan.module_axes:
             continue
         done.add(node.target)
+        stage[0] = f"slicing module '{node.target}' (node '{node.name}')"
         axes = plan.module_axes[node.target]
         keep = {name: torch.as_tensor(ax.keep(removed)) for name, ax in axes.items()}
         if all(len(k) == len(axes[n].units) for n, k in keep.items()):
             continue
         module = gm.get_submodule(node.target)
         rule = MODULE_RULES[type(module)]
-        _set_submodule(gm, node.target, slice_module(module, rule, keep))
+        _set_submodule(gm, node.target, slice_module(module, rule, keep, shared))
         for pname, dims in (rule.params(module) if rule.params else {}).items():
             if isinstance(getattr(module, pname, None), nn.Parameter):
                 gm.meta[SLICES_KEY][f"{node.target}.{pname}"] = {d: keep[a] for d, a in dims.items()}
 
 
-def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor]) -> nn.Module:
+def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared: dict | None = None) -> nn.Module:
     new = copy.deepcopy(module)
+    shared = {} if shared is None else shared
     for pname, dims in (rule.params(module) if rule.params else {}).items():
         t = getattr(module, pname, None)
         if t is None:
+            continue
+        kept = tuple((d, tuple(keep[axis].tolist())) for d, axis in sorted(dims.items()))
+        if id(t) in shared:
+            old, was_kept, sliced = shared[id(t)]
+            if was_kept != kept:
+                raise ShrinkError(f"parameter {pname} of a module is tied to another module's but the two "
+                                  f"would keep different channels; please report it")
+            setattr(new, pname, sliced)
             continue
         data = t.detach()
         for d, axis in dims.items():
             data = data.index_select(d, keep[axis].to(data.device))
         if isinstance(t, nn.Parameter):
-            setattr(new, pname, nn.Parameter(data.clone(), requires_grad=t.requires_grad))
+            sliced = nn.Parameter(data.clone(), requires_grad=t.requires_grad)
         else:
-            setattr(new, pname, data.clone())
+            sliced = data.clone()
+        setattr(new, pname, sliced)
+        shared[id(t)] = (t, kept, sliced)  # `t` kept alive so that its id is not reused
     if rule.resize:
         rule.resize(new, {name: len(k) for name, k in keep.items()})
     return new
@@ -272,8 +345,9 @@ def _new_shape(plan, name, old_shape, removed, index=None):
 class RewriteContext(CallArgs):
     """What a rule's `rewrite` sees: old and new shapes, kept positions, and edits to its node."""
 
-    def __init__(self, gm, plan, node, removed):
+    def __init__(self, gm, plan, node, removed, memo=None):
         self.gm, self.plan, self.node, self.removed = gm, plan, node, removed
+        self._memo = {} if memo is None else memo
 
     def set_varargs(self, start, values):
         rest = self.node.args[start:]
@@ -310,6 +384,60 @@ class RewriteContext(CallArgs):
         ax = self.plan.node_axes.get(value.name)
         return ax.dim if isinstance(ax, Axis) else None
 
+    def new_shape_of(self, value):
+        return _new_shape(self.plan, value.name, tuple(tensor_meta(value).shape), self.removed)
+
+    def size_change(self, value) -> tuple[bool, bool]:
+        """(does this computed size change with the shrink, may it vary at run time): from the
+        tensor sizes it is computed from. A size that does not change reads the batch, spatial or
+        pinned sizes (dynamic); one that reads channel counts only is a constant of the new graph."""
+        changed = dynamic = False
+        for t, d in size_deps(value, self._memo):
+            old = tuple(tensor_meta(t).shape)
+            new = tuple(self.new_shape_of(t))
+            if d is None:
+                changed, dynamic = changed or old != new, True
+            elif old[d] != new[d]:
+                changed = True
+            else:
+                dynamic = True
+        return changed, dynamic
+
+    def consistent_sizes(self, sizes, old, new, keep_dim=None):
+        """Size arguments for the new shape: a literal is the new length (-1 stays); a computed size
+        stays when its value does not change, becomes the new length when it is a constant of the new
+        graph, and is left to the op (-1) when it both changes and varies at run time (at most one)."""
+        fixed, infer = [], []
+        for i, (s, o, n) in enumerate(zip(sizes, old, new)):
+            if isinstance(s, bool) or not isinstance(s, (int, fx.Node)):
+                fixed.append(s)
+            elif isinstance(s, int):
+                fixed.append(s if s == -1 else n)
+            else:
+                changed, dynamic = self.size_change(s)
+                if not changed and (o == n or not dynamic):
+                    fixed.append(s if o == n else n)
+                elif not dynamic:
+                    fixed.append(n)
+                else:
+                    fixed.append(-1)
+                    infer.append(i)
+        if keep_dim is not None:  # expand: -1 keeps the input's length
+            bad = [i for i in infer if not keep_dim[i]]
+        else:
+            bad = infer if sum(1 for s in fixed if isinstance(s, int) and s == -1) > 1 else []
+        if bad:
+            raise ShrinkError(
+                f"cannot rewrite the size arguments of node '{self.node.name}' ({self.node.op} {self.node.target}): "
+                f"size(s) at position(s) {bad} are computed from sizes that both change with the shrink and "
+                f"vary at run time; please report it")
+        return fixed
+
+    def unpack_sizes(self, shape_node, ndim):
+        """`x.view(y.shape)`: per-dim getitem nodes on the shape, so that each dim can be rewritten."""
+        with self.gm.graph.inserting_before(self.node):
+            return [self.gm.graph.call_function(operator.getitem, (shape_node, i)) for i in range(ndim)]
+
     @property
     def old_in_shape(self):
         return tuple(tensor_meta(self.node.args[0]).shape)
@@ -341,14 +469,32 @@ def _touched(plan, node, removed) -> bool:
     return False
 
 
+_SIZE_REWRITES = ("view", "reshape", "expand", "unflatten", torch.reshape, torch.unflatten)
+
+
 def _rewrite_calls(gm, plan, removed):
     modules = dict(gm.named_modules())
+    memo = {}
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method") or "tensor_meta" not in node.meta:
             continue
         rule = lookup(node, modules)
-        if rule is not None and rule.rewrite is not None and _touched(plan, node, removed):
-            rule.rewrite(RewriteContext(gm, plan, node, removed))
+        if rule is None or rule.rewrite is None:
+            continue
+        # size arguments may be computed from the sizes of other tensors than the node's input
+        if _touched(plan, node, removed) or node.target in _SIZE_REWRITES:
+            try:
+                rule.rewrite(RewriteContext(gm, plan, node, removed, memo))
+            except ShrinkError:
+                raise
+            except Exception as e:
+                raise _internal(e, f"rewriting the arguments of node '{node.name}' ({node.op} {node.target})") from e
+
+
+def _internal(e: Exception, doing: str) -> "ShrinkError":
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ShrinkError(f"shrink failed while {doing}: {type(e).__name__}: {first}. This is a bug in vpsurgery, "
+                       f"not in your model or input; please report it")
 
 
 # ---------------------------------------------------------------------------------- gates
@@ -356,7 +502,7 @@ def _fold_gates(gm, plan, new_plan, removed, theta):
     """Drop gates and masks, folding each kept unit's theta into the weights that read it."""
     nodes = {n.name: n for n in gm.graph.nodes}
     mask_nodes = _nodes_calling(gm, MASKS)
-    folded = set()
+    folded, weights = set(), {}  # weights: id -> scale folded in (a weight tied between modules: once)
     for name, site in plan.sites.items():
         mask = mask_nodes.get(name)
         if mask is None:
@@ -366,9 +512,15 @@ def _fold_gates(gm, plan, new_plan, removed, theta):
             folded.add(consumer.target)
             kept = site.axis.restrict(removed).units
             scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
-            if not torch.all(scale == 1):
-                module = gm.get_submodule(consumer.target)
+            module = gm.get_submodule(consumer.target)
+            weight = getattr(module, "weight", None)
+            if id(weight) in weights:
+                if not torch.equal(weights[id(weight)][1], scale):
+                    raise ShrinkError(f"module '{consumer.target}' shares its weight with another module that "
+                                      f"reads its channels with different gate values; please report it")
+            elif not torch.all(scale == 1):
                 MODULE_RULES[type(module)].fold_input(module, scale)
+            weights.setdefault(id(weight), (weight, scale))
         mask.replace_all_uses_with(mask.args[0])
         gm.graph.erase_node(mask)
     gates = getattr(gm, GATES)
@@ -451,7 +603,14 @@ def _check_shapes(gm, plan, removed):
             expected[node.name] = [_new_shape(plan, node.name, m.shape, removed, i) for i, m in enumerate(meta)]
     example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in plan.example]
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    propagate_shapes(gm, [e.to(device) for e in example])
+    try:
+        propagate_shapes(gm, [e.to(device) for e in example], internal=True)
+    except NodeFailure as e:
+        node = next(n for n in gm.graph.nodes if n.name == e.node)
+        want = f"; the plan expects shape {expected[e.node]} there" if e.node in expected else ""
+        raise ShrinkError(f"the shrunk graph fails at node '{e.node}' ({node.op} {node.target}): {e.first}{want}. "
+                          f"This is a bug in vpsurgery (a channel rule for that op), not in your model or "
+                          f"input; please report it") from e.cause
     for node in gm.graph.nodes:
         if node.name not in expected:
             continue
@@ -460,4 +619,5 @@ def _check_shapes(gm, plan, removed):
         if got != expected[node.name]:
             raise ShrinkError(f"shrinking produced shape {got} at node '{node.name}' where the plan "
                               f"expects {expected[node.name]}: a channel rule is wrong for this op "
-                              f"({node.op} {node.target}); please report it")
+                              f"({node.op} {node.target}). This is a bug in vpsurgery, not in your model "
+                              f"or input; please report it")

@@ -87,7 +87,30 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
     return gm.train(was_training)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+class NodeFailure(RuntimeError):
+    """Running the graph on example inputs failed at a node (`node`: its name; `cause`: the error)."""
+
+    def __init__(self, node: fx.Node, cause: BaseException):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"at node '{node.name}' ({node.op} {node.target}): {first}")
+        self.node, self.cause, self.first = node.name, cause, first
+
+
+class _ShapeProp(ShapeProp):
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except NodeFailure:
+            raise
+        except Exception as e:
+            raise NodeFailure(n, e.__cause__ if e.__cause__ is not None else e) from e
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
+    """Run `gm` on the example inputs, recording every node's shape in `meta['tensor_meta']`.
+
+    A failure blames the example input (ExampleInputError), or with `internal=True` (a graph that
+    vpsurgery rewrote, run on inputs that fitted it before) raises NodeFailure naming the node."""
     example_inputs = _as_tuple(example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # placeholders with no default value
@@ -100,15 +123,16 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as e:
+            _ShapeProp(gm).propagate(*example_inputs)
+    except NodeFailure as e:
+        if internal:
+            raise
         shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
                            for t in example_inputs)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExampleInputError(
-            f"the example input ({shapes}) does not fit the model: {first}. Pass example_inputs with "
-            f"the shape and dtype the model expects, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
-        ) from None
+            f"the example input ({shapes}) does not fit the model: {e.first} (at node '{e.node}'). Pass "
+            f"example_inputs with the shape and dtype the model expects, e.g. "
+            f"example_inputs=(torch.randn(1, 3, 224, 224),)") from None
     finally:
         gm.train(was_training)
 

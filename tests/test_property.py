@@ -1,20 +1,23 @@
 """Property test: random small graphs made of the ops the rules cover (convs with BN, residual adds,
-concats, splits, grouped and depthwise convs, SE gates, channel shuffles, layer scales, shared
-modules called twice, in-place relu, flatten -> linear), random hard gate assignments, and
-THE INVARIANT. Derandomized and database-less, so CI sees the same 40 graphs every run."""
+concats, splits, grouped and depthwise convs, SE gates, channel shuffles (also right after a grouped
+conv, sizes unpacked from x.size() or x.shape), layer scales, shared modules called twice, in-place
+relu, strided channel slices, pads of the channel dim, a tensor concatenated with itself,
+flatten -> linear), random hard gate assignments, and THE INVARIANT: each op is either exact or
+pinned, never wrong. Derandomized and database-less, so CI sees the same graphs every run."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import vpsurgery
 
 from conftest import assert_invariant, n_params, random_hard_gates, realistic_stats, rel_err
 
-OPS = ["conv", "res", "cat", "split", "gconv", "dw", "se", "shared", "relu_", "shuffle", "scale", "pool"]
+OPS = ["conv", "res", "cat", "split", "gconv", "dw", "se", "shared", "relu_", "shuffle", "scale", "pool",
+       "gshuffle", "stride", "cpad", "selfcat"]
 HEADS = ["flatten", "mean", "view"]
 
 
@@ -86,6 +89,21 @@ class RandomNet(nn.Module):
             elif op == "pool" and hw >= 4:
                 self.spec.append((op, 0, 0))
                 hw //= 2
+            elif op == "gshuffle":  # ShuffleNet: grouped conv, then a shuffle of its groups
+                g = [d for d in _divisors(c) if 1 < d < c] or [1]
+                g = g[a % len(g)]
+                out = g * (1 + a % 3)
+                self.spec.append((op, add(nn.Conv2d(c, out, 1, groups=g)), (g, b % 2)))
+                c = out
+            elif op == "stride" and c >= 2:
+                self.spec.append((op, 0, 0))
+                c = (c + 1) // 2
+            elif op == "cpad" and c <= 12:
+                self.spec.append((op, a % 3, b % 2))
+                c += a % 3 + b % 2
+            elif op == "selfcat" and c <= 8:
+                self.spec.append((op, 0, 0))
+                c *= 2
         self.fc1 = nn.Linear(c * hw * hw if head in ("flatten", "view") else c, 7)
         self.fc2 = nn.Linear(7, 5)
         self.c, self.hw = c, hw
@@ -121,6 +139,20 @@ class RandomNet(nn.Module):
                 x = x * self.params_[a]
             elif op == "pool":
                 x = F.max_pool2d(x, 2)
+            elif op == "gshuffle":
+                g, form = b
+                x = L[a](x)
+                if form:
+                    n, c, h, w = x.size()
+                else:
+                    n, c, h, w = x.shape
+                x = x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+            elif op == "stride":
+                x = x[:, ::2]
+            elif op == "cpad":
+                x = F.pad(x, (0, 0, 0, 0, a, b))
+            elif op == "selfcat":
+                x = torch.cat([x, x], 1)
         if self.head == "flatten":
             x = torch.flatten(x, 1)
         elif self.head == "view":
@@ -133,10 +165,15 @@ class RandomNet(nn.Module):
 specs = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=7)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(spec=specs, head=st.sampled_from(HEADS), p=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 3),
        sections=st.sampled_from([0.0, 0.5, 1.0]))
+@example(spec=[("conv", 2, 0), ("gshuffle", 0, 1), ("res", 1, 0)], head="view", p=0.5, seed=0, sections=0.0)
+@example(spec=[("conv", 2, 0), ("gshuffle", 1, 0), ("conv", 0, 0)], head="flatten", p=0.5, seed=1, sections=0.0)
+@example(spec=[("conv", 2, 0), ("stride", 0, 0), ("conv", 1, 0)], head="mean", p=0.5, seed=2, sections=0.0)
+@example(spec=[("conv", 1, 0), ("cpad", 1, 1), ("conv", 0, 0)], head="mean", p=0.5, seed=3, sections=0.0)
+@example(spec=[("conv", 0, 0), ("selfcat", 0, 0), ("res", 0, 1)], head="view", p=0.5, seed=0, sections=0.5)
 def test_random_graphs_shrink_exactly(spec, head, p, seed, sections):
     torch.manual_seed(seed)
     model = realistic_stats(RandomNet(spec, head), seed).eval()

@@ -658,3 +658,81 @@ def test_elementwise_with_python_scalars_and_sizes():
     gm = wrap(M(), X)
     assert len(group_of(gm, "c1").units) == 8
     check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ pad, self-cat
+class Pad(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.c2 = nn.Conv2d(8 + (3 if how == "channels" else 0), 4, 3)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        if self.how == "channels":
+            y = F.pad(y, (0, 0, 0, 0, 1, 2))  # CIFAR ResNet option-A style: zero channels
+        elif self.how == "computed":
+            y = F.pad(y, (0, y.shape[3] % 3, 1, y.size(2) // 4), mode="replicate")
+        else:
+            y = F.pad(y, (1, 1, 1, 1), mode="reflect")
+        return self.head(self.c2(y))
+
+
+@pytest.mark.parametrize("how", ["spatial", "computed"])
+def test_spatial_pad_keeps_channels(how):
+    gm = wrap(Pad(how), X)
+    assert len(group_of(gm, "c1").units) == 8
+    check_invariant(gm, X)
+
+
+def test_channel_pad_pins():
+    gm = wrap(Pad("channels"), X)
+    assert_pinned(gm, "c1", "pad of the channel dim")
+    check_invariant(gm, X)
+
+
+def test_cat_with_itself():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 6, 1), nn.Conv2d(12, 4, 1)
+            self.head = Head(4)
+
+        def forward(self, x):
+            y = F.relu(self.c1(x))
+            return self.head(self.c2(torch.cat([y, y], 1)))
+
+    gm = wrap(M(), X)
+    assert len(group_of(gm, "c1").units) == 6
+    c1, c2 = vpsurgery.plan(gm).module_axes["c1"]["out"].units, vpsurgery.plan(gm).module_axes["c2"]["in"].units
+    assert list(c2) == list(c1) * 2  # both copies of a channel go together
+    check_invariant(gm, X)
+
+
+def test_view_sizes_read_from_other_tensors():
+    """Sizes given as another tensor's shape, or computed from channel counts, are rewritten from
+    the new shapes (literal where they are channel counts, dynamic where they are the batch)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.c, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y, z = F.relu(self.a(x)), F.relu(self.b(x))
+            z = z.view(y.shape) + 0
+            w = y.reshape(y.size(0), y.size(1) * 2, -1)
+            return self.fc(torch.cat([self.c(z).mean((2, 3)), self.d(w.view(z.shape)).mean((2, 3))], 1))
+
+    gm = wrap(M(), X)
+    gates = channel_gates(gm)
+    gates["a"].set(torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 1]))
+    gates["b"].set(torch.tensor([0.0, 0, 0, 0, 0, 1, 1, 1]))
+    shrunk = assert_invariant(gm, X, smaller=True)
+    with torch.no_grad():
+        x5 = torch.randn(5, 3, 8, 8)
+        assert rel_err(shrunk(x5), gm(x5)) <= 1e-5
+    check_invariant(gm, X)

@@ -26,10 +26,11 @@ class Gate(nn.Module):
     kind = "channel"
 
     def __init__(self, size: int, init: float = 1.0, estimator: str = "straight_through",
-                 per_example: bool = True):
+                 per_example: bool = True, name: str | None = None):
         super().__init__()
+        self.name = name  # the gate's key in vpsurgery.gates(gated), for messages
         if not 0.0 <= init <= 1.0:
-            raise ValueError(f"gate init must be a probability in [0, 1], got {init}")
+            raise ValueError(f"{self._what()}: init must be a probability in [0, 1], got {init}")
         self.theta = nn.Parameter(torch.full((size,), float(init)))
         self.estimator = estimator
         self.per_example = per_example
@@ -46,17 +47,34 @@ class Gate(nn.Module):
             return ESTIMATORS[self.estimator](theta)
         return self.theta
 
+    def _what(self) -> str:
+        name = getattr(self, "name", None)  # gates pickled before gates had names have none
+        return f"{self.kind} gate {name!r}" if name else f"{self.kind} gate"
+
     @torch.no_grad()
     def set(self, values) -> "Gate":
         """Set theta to probabilities (a float, or one per entry); 0/1 values make a hard mask."""
-        values = torch.as_tensor(values, dtype=self.theta.dtype).expand_as(self.theta)
+        size = self.theta.numel()
+        what = f"{self._what()} (size {size})"
+        try:
+            values = torch.as_tensor(values, dtype=self.theta.dtype).to(self.theta.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what}: cannot set it to {values!r}: {e}") from None
+        if values.numel() not in (1, size):
+            raise ValueError(f"{what}: got {values.numel()} value(s) of shape {tuple(values.shape)}; "
+                             f"give one value for the whole gate or {size}, one per unit")
+        values = values.reshape(-1).expand(size) if values.numel() == 1 else values.reshape(size)
+        if not torch.isfinite(values).all():
+            raise ValueError(f"{what}: values must be finite probabilities in [0, 1], got NaN or inf")
         if (values < 0).any() or (values > 1).any():
-            raise ValueError("gate values must lie in [0, 1]")
+            raise ValueError(f"{what}: values must lie in [0, 1], got min {float(values.min()):g}, "
+                             f"max {float(values.max()):g}")
         self.theta.copy_(values)
         return self
 
     def extra_repr(self):
-        return f"{self.kind}, size={self.theta.numel()}"
+        name = getattr(self, "name", None)
+        return f"{self.kind}, size={self.theta.numel()}" + (f", name={name!r}" if name else "")
 
 
 class ChannelGate(Gate):
@@ -71,8 +89,8 @@ class SectionGate(Gate):
     kind = "section"
 
     def __init__(self, init: float = 1.0, estimator: str = "straight_through", per_example: bool = True,
-                 branch_ndim: int = 4):
-        super().__init__(1, init, estimator, per_example)
+                 branch_ndim: int = 4, name: str | None = None):
+        super().__init__(1, init, estimator, per_example, name)
         self.branch_ndim = branch_ndim
 
     def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from vpsurgery.gates import Gate
+from vpsurgery.gates import ChannelMask, Gate
 from vpsurgery.passes.groups import analyse_channels
 from vpsurgery.passes.insert_gates import GATES, insert_gates
 from vpsurgery.passes.plan import Plan
@@ -12,7 +12,8 @@ import warnings
 
 from vpsurgery.passes.sections import add_residuals as _add_residuals
 from vpsurgery.passes.sections import find_sections, network_depth
-from vpsurgery.passes.shrink import PLAN_KEY, plan_of
+from vpsurgery.passes.inplace import make_out_of_place
+from vpsurgery.passes.shrink import plan_of, set_plan
 from vpsurgery.passes.shrink import shrink as _shrink
 from vpsurgery.passes.trace import _as_tuple, default_example, propagate_shapes, trace
 
@@ -28,8 +29,11 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     layer of a plain network (x -> x + f(x)) so that layers can be pruned: a different network,
     to be trained.
     """
+    _refuse_wrapped(model)
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if make_out_of_place(gm):  # so that the gated and the shrunk graphs train, whatever is removed
+        propagate_shapes(gm, example_inputs)
     example = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
     original_depth = network_depth(gm)
     if add_residuals and not _add_residuals(gm):
@@ -42,8 +46,16 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         plan.sections, skipped = find_sections(gm)
         plan.unprunable += skipped
     insert_gates(gm, plan, theta_init, per_example=_batch_leads_everywhere(gm, plan, example_inputs))
-    gm.meta[PLAN_KEY] = plan
+    set_plan(gm, plan)
     return gm
+
+
+def _refuse_wrapped(model) -> None:
+    if isinstance(model, torch.nn.Module) and any(isinstance(m, (Gate, ChannelMask)) for m in model.modules()):
+        raise ValueError(
+            f"this {type(model).__name__} is already wrapped (it holds vpsurgery gates); wrap it only once. "
+            f"Train or set its gates and shrink it (vpsurgery.shrink(gated)): the shrunk model can be "
+            f"wrapped again for another round; or wrap the original model")
 
 
 def _batch_leads_everywhere(gm: fx.GraphModule, plan: Plan, example_inputs) -> bool:
@@ -77,9 +89,10 @@ def gates(gated: fx.GraphModule) -> dict[str, Gate]:
 
 
 def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False) -> fx.GraphModule:
-    """A new, smaller GraphModule without the structures whose theta < threshold; the surviving
-    theta are folded into the weights (or, with keep_gates=True, kept as gates for more training).
-    The gated model is not modified."""
+    """A new, smaller GraphModule without the structures whose theta < threshold (a number in
+    (0, 1]); the surviving theta are folded into the weights (or, with keep_gates=True, kept as
+    gates for more training). The gated model is not modified. A failure inside (a channel rule
+    that is wrong for some op) is a ShrinkError naming the node."""
     return _shrink(gated, threshold, keep_gates=keep_gates)
 
 

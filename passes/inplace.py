@@ -1,0 +1,370 @@
+"""In-place ops, made out-of-place where that keeps the function.
+
+An in-place op in a traced graph (`x.relu_()`, `y += x`, `F.relu(x, inplace=True)`, a module built
+with `inplace=True`) overwrites a tensor that autograd may need: harmless in the model as written,
+but once surgery rewires the graph (a removed residual block hands one ReLU's output straight to
+the next in-place ReLU) backward fails. So wrap emits the out-of-place form of every in-place op
+whose effect it can follow: the op computes a new tensor, and every later reader of the mutated
+tensor reads that new tensor instead (which is what it saw before). An op is left in place when
+its effect cannot be followed that way (it writes through a view whose base or other views are
+read later, or it updates a parameter or buffer); the dead-code logic of shrink handles those.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from .groups import is_tensor_meta, tensor_meta
+
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                      operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                      operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+                      operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
+_MUTATING_FUNCTIONS = set(_INPLACE_OPERATORS) | {operator.setitem}
+VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
+                "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "contiguous", "t", "detach", "split",
+                "chunk", "unbind", "as_strided", "movedim", "moveaxis", "swapaxes", "select", "diagonal",
+                "unfold", "real", "imag", "view_as_real", "type_as", "to", "float", "double", "half",
+                "bfloat16", "type", "cpu", "cuda", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "T", "mT"}
+VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                  torch.unsqueeze, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
+                  torch.moveaxis, torch.swapaxes, torch.select, torch.detach, torch.t, torch.as_strided,
+                  torch.diagonal, torch.unflatten, torch.tensor_split, F.dropout, F.dropout1d, F.dropout2d,
+                  F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
+                  torch.feature_dropout, torchvision.ops.stochastic_depth}
+# modules whose output may be their input itself (identity, dropout and stochastic depth in eval)
+VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                nn.AlphaDropout, nn.FeatureAlphaDropout, torchvision.ops.StochasticDepth)
+_NOT_OUT_OF_PLACE = {"resize_", "resize_as_"}  # Tensor.resize is not resize_ without the write
+
+
+def _inplace_kwarg(node: fx.Node) -> tuple[str, int | None] | None:
+    """('inplace', its positional index or None) when a call passes inplace=True."""
+    if node.kwargs.get("inplace", False) is True:
+        return "inplace", None
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "inplace" in params:
+        i = params.index("inplace")
+        if i < len(node.args) and node.args[i] is True:
+            return "inplace", i
+    return None
+
+
+def is_inplace(node: fx.Node, modules) -> bool:
+    """Does this node overwrite its first argument?"""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _MUTATING_FUNCTIONS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and getattr(node.target, "__module__", "") != "_operator":
+            return True  # torch.relu_, torch.sigmoid_, ... (not operator.and_, operator.or_)
+        return _inplace_kwarg(node) is not None
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
+
+
+def may_alias(node: fx.Node, modules) -> bool:
+    """May this node's result share memory with one of its inputs?"""
+    if is_inplace(node, modules):
+        return True
+    if node.op == "call_method":
+        return node.target in VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in VIEW_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), VIEW_MODULES)
+    return False
+
+
+def _out_of_place_function(f):
+    """torch.relu_ -> torch.relu, F.elu_ -> F.elu, ... (None if there is none)."""
+    name = getattr(f, "__name__", "")
+    for module in (F, torch):
+        if getattr(module, name, None) is f and callable(getattr(module, name[:-1], None)):
+            return getattr(module, name[:-1])
+    return None
+
+
+def _is_tensor(value) -> bool:
+    return is_tensor_meta(tensor_meta(value))
+
+
+def _torch_module(m: nn.Module) -> bool:
+    return type(m).__module__.startswith(("torch.", "torchvision."))
+
+
+class _Aliases:
+    """Which nodes may share memory with which (alias edges: a view or in-place result and its input)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.modules = dict(gm.named_modules())
+
+    def parents(self, node):
+        """The inputs this node's result may be (a view of)."""
+        if may_alias(node, self.modules):
+            first = node.args[0] if node.args else None
+            return [first] if isinstance(first, fx.Node) else []
+        if node.op == "call_module" and not _torch_module(self.modules[node.target]):
+            return [a for a in node.all_input_nodes if _is_tensor(a)]  # a user's leaf: it may return its input
+        return []
+
+    def children(self, node):
+        return [u for u in node.users if node in self.parents(u)]
+
+    def family(self, node):
+        """The node, the tensors it may be a view of, and every view of those."""
+        up, todo = {node}, [node]
+        while todo:
+            for p in self.parents(todo.pop()):
+                if p not in up:
+                    up.add(p)
+                    todo.append(p)
+        family, todo = set(up), list(up)
+        while todo:
+            for c in self.children(todo.pop()):
+                if c not in family:
+                    family.add(c)
+                    todo.append(c)
+        return up, family
+
+
+def make_out_of_place(gm: fx.GraphModule) -> int:
+    """Rewrite (a shape-propagated) `gm` so that in-place ops compute new tensors; returns how many.
+
+    The mutated tensor's later readers are re-pointed to the op's result, so every node computes
+    what it computed before. Mutates gm's graph and may replace modules built with inplace=True by
+    copies with inplace=False (gm owns its modules: wrap traced a copy of the model).
+    """
+    graph = gm.graph
+    aliases = _Aliases(gm)
+    changed = 0
+    module_sites: dict[str, list[fx.Node]] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and is_inplace(node, aliases.modules) \
+                and _torch_module(aliases.modules[node.target]):
+            module_sites.setdefault(node.target, []).append(node)
+
+    for node in list(graph.nodes):
+        if not is_inplace(node, aliases.modules):
+            continue
+        if node.op == "call_module" and node.target not in module_sites:
+            continue  # a user's leaf module: what it does to its input is its own business
+        target = node.args[0] if node.args else None
+        if node.op == "call_function" and node.target in _INPLACE_OPERATORS and not _is_tensor(target):
+            node.target = _INPLACE_OPERATORS[node.target]  # `c += 1` on Python numbers
+            changed += 1
+            continue
+        if not isinstance(target, fx.Node) or not _is_tensor(target):
+            continue
+        views = _followable(node, target, aliases)
+        if views is None or not _rewrite(gm, node, aliases):
+            changed += _write_into_a_copy(gm, node, target, aliases)
+            continue
+        result = node
+        if node.op == "call_function" and node.target is operator.setitem:
+            result = node.args[0]  # the clone that _rewrite put in front of it
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        at = order[node]
+        new = {target: result}
+        last = node
+        for view in views:  # views made before the write, read after it: made again from the result
+            parent = aliases.parents(view)[0]
+            with graph.inserting_after(last):
+                last = graph.create_node(view.op, view.target, (new[parent], *view.args[1:]), dict(view.kwargs))
+            last.meta = dict(view.meta)
+            new[view] = last
+        made = set(new.values())
+        for old, replacement in new.items():
+            for user in list(old.users):
+                if user not in made and user is not node and order.get(user, -1) > at:
+                    user.replace_input_with(old, replacement)
+        changed += 1
+
+    for target, sites in module_sites.items():
+        done = [n for n in sites if n.meta.get("vps_out_of_place")]
+        if not done:
+            continue
+        module = copy.copy(aliases.modules[target])
+        module.inplace = False
+        if len(done) == len(sites):
+            _set_submodule(gm, target, module)
+        else:  # some calls must keep writing in place: the others call an out-of-place copy
+            name = _free_name(gm, target.replace(".", "_") + "_out_of_place")
+            gm.add_submodule(name, module)
+            for n in done:
+                n.target = name
+    for node in graph.nodes:
+        node.meta.pop("vps_out_of_place", None)
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed
+
+
+_STOCHASTIC = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+               torch.dropout, torch.alpha_dropout, torch.feature_dropout, torchvision.ops.stochastic_depth}
+
+
+def _replayable(node, modules) -> bool:
+    """A view op that can be applied again to the new tensor (same result as on the old one)."""
+    if is_inplace(node, modules):
+        return False
+    return (node.op == "call_method" and node.target in VIEW_METHODS) or (
+        node.op == "call_function" and node.target in VIEW_FUNCTIONS and node.target not in _STOCHASTIC)
+
+
+def _followable(node, target, aliases) -> list[fx.Node] | None:
+    """Can the write into `target` be replaced by a new tensor? Then: the views of `target` made
+    before the write and read after it, which must be made again from the new tensor (graph order);
+    None when the write must stay (it reaches a parameter or buffer, or a tensor that `target` is a
+    view of, or one of its other views, that is read afterwards)."""
+    up, family = aliases.family(target)
+    if any(n.op == "get_attr" for n in up):
+        return None  # a parameter or buffer update (a running statistic, a counter): state, not data
+    dtype = tensor_meta(target).dtype
+    args = list(node.args[1:]) + list(node.kwargs.values())
+    if not all(tensor_meta(a).dtype == dtype for a in args if _is_tensor(a)):
+        return None  # an out-of-place op promotes dtypes where the in-place one keeps the target's
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    at = order[node]
+    below, todo = set(), [target]  # views of target (through views), made before the write
+    while todo:
+        for c in aliases.children(todo.pop()):
+            if c is not node and c not in below and order[c] < at:
+                below.add(c)
+                todo.append(c)
+    replay = set()
+    for other in family:
+        if other is target or other is node or order[other] > at:
+            continue
+        if not any(order[u] > at and u is not node for u in other.users):
+            continue
+        if other not in below:
+            return None  # the tensor target is a view of (or a sibling view) is read afterwards
+        while other is not target:  # it, and the views it was made from, are made again
+            if not _replayable(other, aliases.modules):
+                return None
+            replay.add(other)
+            other = aliases.parents(other)[0]
+    return sorted(replay, key=order.get)
+
+
+def _path_from_root(node, aliases) -> list[fx.Node] | None:
+    """[root, ..., node] through alias parents; None if an op on the way cannot be made again."""
+    path = [node]
+    while aliases.parents(path[-1]):
+        if not _replayable(path[-1], aliases.modules):
+            return None
+        path.append(aliases.parents(path[-1])[0])
+    return path[::-1]
+
+
+def _write_into_a_copy(gm, node, target, aliases) -> int:
+    """An in-place write that cannot become a new tensor (through a view of a tensor read later, or
+    an op without an out-of-place form: `x[:, :2].mul_(s)`, `x.zero_()`): it writes into a copy of
+    the tensor that target is a view of, made just before it, and every later reader of that
+    tensor or of its views reads the copy (views made again from it). Nothing autograd saved is
+    overwritten, and every node computes what it computed before. Returns 1 if done, else 0."""
+    graph = gm.graph
+    up, family = aliases.family(target)
+    if any(n.op == "get_attr" for n in up):
+        return 0
+    chain = _path_from_root(target, aliases)
+    if chain is None:
+        return 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    at = order[node]
+    read_later = [m for m in family if m is not node and order[m] < at
+                  and any(order[u] > at and u is not node for u in m.users)]
+    paths = {}
+    for m in read_later:
+        path = _path_from_root(m, aliases)
+        if path is None or path[0] is not chain[0]:
+            return 0
+        paths[m] = path
+    root = chain[0]
+    with graph.inserting_before(node):
+        copy_ = graph.call_method("clone", (root,))
+    copy_.meta = dict(root.meta)
+    new = {root: copy_}
+    last = copy_
+    for view in chain[1:]:  # target again, as a view of the copy
+        with graph.inserting_after(last):
+            last = graph.create_node(view.op, view.target, (new[aliases.parents(view)[0]], *view.args[1:]),
+                                     dict(view.kwargs))
+        last.meta = dict(view.meta)
+        new[view] = last
+    node.args = (new[target], *node.args[1:])
+    after = {root: copy_}
+    last = node
+    for view in sorted({v for path in paths.values() for v in path[1:]}, key=order.get):
+        with graph.inserting_after(last):
+            last = graph.create_node(view.op, view.target, (after[aliases.parents(view)[0]], *view.args[1:]),
+                                     dict(view.kwargs))
+        last.meta = dict(view.meta)
+        after[view] = last
+    made = set(new.values()) | set(after.values())
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    at = order[node]
+    for old, replacement in after.items():
+        for user in list(old.users):
+            if user not in made and user is not node and order[user] > at:
+                user.replace_input_with(old, replacement)
+    return 1
+
+
+def _rewrite(gm, node, aliases) -> bool:
+    if node.op == "call_method":
+        if node.target in _NOT_OUT_OF_PLACE or not callable(getattr(torch.Tensor, node.target[:-1], None)):
+            return False
+        node.target = node.target[:-1]
+    elif node.op == "call_module":
+        node.meta["vps_out_of_place"] = True
+    elif node.target in _INPLACE_OPERATORS:
+        node.target = _INPLACE_OPERATORS[node.target]
+    elif node.target is operator.setitem:
+        with gm.graph.inserting_before(node):
+            clone = gm.graph.call_method("clone", (node.args[0],))
+        clone.meta = dict(node.args[0].meta)
+        node.args = (clone, *node.args[1:])
+    else:
+        flag = _inplace_kwarg(node)
+        if flag is not None:
+            _, i = flag
+            if i is None:
+                node.kwargs = {**node.kwargs, "inplace": False}
+            else:
+                node.args = node.args[:i] + (False,) + node.args[i + 1:]
+        else:
+            f = _out_of_place_function(node.target)
+            if f is None:
+                return False
+            node.target = f
+    return True
+
+
+def _set_submodule(gm, target, module):
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _free_name(gm, name):
+    out, i = name, 1
+    while hasattr(gm, out):
+        i += 1
+        out = f"{name}_{i}"
+    return out
