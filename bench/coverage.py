@@ -82,7 +82,7 @@ def random_assignment(gates: dict, seed: int) -> tuple[int, int, int, int]:
 
 def run_one(name: str, seed: int = 0) -> dict:
     import vpsurgery
-    from vpsurgery.passes.sections import network_depth
+    from vpsurgery.passes.analyse.sections import network_depth
 
     r: dict = {"model": name}
     model, x = common.build(name, seed)

@@ -4,6 +4,7 @@ survives shrinking (shrink returns a restricted Plan for the smaller graph)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class Unprunable:
     producers: list[str]  # modules whose output channels it pinned
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     groups: dict[str, ChannelGroup]
     sections: dict[str, Section]
@@ -82,17 +83,18 @@ class Plan:
     prunable_share: float = 0.0  # share of conv/linear output channels that are prunable
     depth: int = 0  # conv/linear layers on the longest input-to-output path
     original_depth: int = 0
+    per_example: bool = True  # dim 0 is the batch wherever a gate acts: gates sample per example
     removed_units: set[int] = field(default_factory=set)
     removed_sections: set[str] = field(default_factory=set)
 
+    @cached_property
+    def _unit_group(self) -> dict[int, tuple[str, int]]:
+        return {u: (g.name, i) for g in self.groups.values() for i, u in enumerate(g.units)}
+
     def unit_group(self) -> dict[int, tuple[str, int]]:
-        """unit id -> (group name, index in the group); cached, since plans are not mutated in place
-        once built (shrink makes a new, restricted plan)."""
-        key = tuple((g.name, len(g.units)) for g in self.groups.values())
-        cached = getattr(self, "_unit_group", None)
-        if cached is None or cached[0] != key:
-            self._unit_group = (key, {u: (g.name, i) for g in self.groups.values() for i, u in enumerate(g.units)})
-        return self._unit_group[1]
+        """unit id -> (group name, index in the group); computed once (a Plan is frozen: shrink
+        makes a new, restricted one)."""
+        return self._unit_group
 
     def restrict(self, removed_units: set[int], removed_sections: set[str], gone_nodes: set[str],
                  gone_modules: set[str]) -> "Plan":

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import vpsurgery
-from vpsurgery.passes.insert_gates import GATES, MASKS
+from vpsurgery.passes.gate.insert import GATES, MASKS
 
 RTOL = 1e-4
 

@@ -16,7 +16,7 @@ import torchvision
 
 import vpsurgery
 from vpsurgery.passes import rules
-from vpsurgery.passes.inplace import is_inplace
+from vpsurgery.passes.capture.inplace import is_inplace
 
 from conftest import assert_invariant, random_hard_gates, realistic_stats, rel_err
 

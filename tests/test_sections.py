@@ -7,7 +7,7 @@ import torchvision
 
 import vpsurgery
 from vpsurgery.models import get_model
-from vpsurgery.passes.sections import network_depth
+from vpsurgery.passes.analyse.sections import network_depth
 
 
 def _tv(name, **kw):

@@ -1,6 +1,6 @@
 """vpsurgery: a torch.fx model-surgery compiler for variational structured pruning."""
-from vpsurgery.gates import ChannelGate, ChannelMask, Gate, SectionGate
-from vpsurgery.passes.trace import ExampleInputError, TraceError
+from vpsurgery.passes.gate.modules import ChannelGate, ChannelMask, Gate, SectionGate
+from vpsurgery.passes.capture.trace import ExampleInputError, TraceError
 from vpsurgery.passes.shrink import ShrinkError
 from vpsurgery.train import FitResult, Pruner, TrainingDiverged, fit, objective
 from vpsurgery.surgery import gates, kept_map, plan, replay, report, shrink, wrap

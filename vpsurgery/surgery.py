@@ -4,18 +4,17 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from vpsurgery.gates import ChannelMask, Gate
-from vpsurgery.passes.groups import analyse_channels
-from vpsurgery.passes.insert_gates import GATES, insert_gates
-from vpsurgery.passes.plan import Plan
 import warnings
 
-from vpsurgery.passes.sections import add_residuals as _add_residuals
-from vpsurgery.passes.sections import find_sections, network_depth
-from vpsurgery.passes.inplace import make_out_of_place
-from vpsurgery.passes.shrink import plan_of, set_plan
+from vpsurgery.passes.analyse import analyse, network_depth
+from vpsurgery.passes.analyse.sections import add_residuals as _add_residuals
+from vpsurgery.passes.attach import plan_of, set_plan
+from vpsurgery.passes.capture.inplace import make_out_of_place
+from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes, trace
+from vpsurgery.passes.gate.insert import GATES, insert_gates
+from vpsurgery.passes.gate.modules import ChannelMask, Gate
+from vpsurgery.passes.plan import Plan
 from vpsurgery.passes.shrink import shrink as _shrink
-from vpsurgery.passes.trace import _as_tuple, default_example, propagate_shapes, trace
 
 
 def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
@@ -34,18 +33,13 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if make_out_of_place(gm):  # so that the gated and the shrunk graphs train, whatever is removed
         propagate_shapes(gm, example_inputs)
-    example = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
     original_depth = network_depth(gm)
     if add_residuals and not _add_residuals(gm):
         warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
                       f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "
                       f"the model is unchanged", stacklevel=2)
-    plan = analyse_channels(gm, example) if channels else Plan({}, {}, {}, {}, {}, {}, [], example)
-    plan.depth = plan.original_depth = original_depth
-    if sections:
-        plan.sections, skipped = find_sections(gm)
-        plan.unprunable += skipped
-    insert_gates(gm, plan, theta_init, per_example=_batch_leads_everywhere(gm, plan, example_inputs))
+    plan = analyse(gm, example_inputs, channels=channels, sections=sections, original_depth=original_depth)
+    insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm
 
@@ -56,28 +50,6 @@ def _refuse_wrapped(model) -> None:
             f"this {type(model).__name__} is already wrapped (it holds vpsurgery gates); wrap it only once. "
             f"Train or set its gates and shrink it (vpsurgery.shrink(gated)): the shrunk model can be "
             f"wrapped again for another round; or wrap the original model")
-
-
-def _batch_leads_everywhere(gm: fx.GraphModule, plan: Plan, example_inputs) -> bool:
-    """Per-example gate samples need dim 0 to be the batch wherever a gate acts: propagate shapes
-    at a second batch size and check which of those tensors follow it."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    acted_on = [nodes[s.node].args[s.arg] for s in plan.sites.values()] + [
-        nodes[s.add].args[s.branch_arg] for s in plan.sections.values()]
-    if not acted_on or not all(torch.is_tensor(t) and t.ndim > 0 for t in example_inputs):
-        return True
-    before = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
-    bigger = [torch.cat([t, t[:1]]) for t in example_inputs]
-    try:
-        propagate_shapes(gm, bigger)
-        after = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
-    except Exception:
-        return False  # the batch size is baked in somewhere: one sample per minibatch is safe
-    finally:
-        propagate_shapes(gm, example_inputs)
-    batch = example_inputs[0].shape[0]
-    return all(before[n][0] == batch and after[n][0] == batch + 1 and before[n][1:] == after[n][1:]
-               for n in acted_on)
 
 
 def gates(gated: fx.GraphModule) -> dict[str, Gate]:

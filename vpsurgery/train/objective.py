@@ -22,9 +22,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from vpsurgery.config import PER, PRIORS, default
-from vpsurgery.passes.insert_gates import GATES
+from vpsurgery.passes.gate.insert import GATES
 from vpsurgery.passes.rules import MODULE_RULES
-from vpsurgery.passes.shrink import plan_of
+from vpsurgery.passes.attach import plan_of
 
 _CACHE_KEY = "vpsurgery.objective_index"
 

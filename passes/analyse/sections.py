@@ -11,8 +11,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .groups import tensor_meta
-from .plan import Section, Unprunable
+from ..capture.trace import tensor_meta
+from ..rules import _same, lookup
+from ..plan import Section, Unprunable
 
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
@@ -130,7 +131,6 @@ def network_depth(gm: fx.GraphModule) -> int:
 # ------------------------------------------------------------------------------ plain networks
 def _is_unary_tail(node: fx.Node, modules) -> bool:
     """BN, activations, dropout: ops that follow a layer channel by channel."""
-    from .rules import _same, lookup  # the rule table decides what is elementwise
 
     rule = lookup(node, modules)
     if rule is None:

@@ -7,9 +7,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from vpsurgery.gates import ChannelGate, ChannelMask, SectionGate
+from .modules import ChannelGate, ChannelMask, SectionGate
 
-from .plan import Plan
+from ..plan import Plan
 
 GATES = "vps_gates"
 MASKS = "vps_masks"
@@ -30,7 +30,7 @@ def site_groups(plan: Plan, site_units) -> list[str]:
     return sorted({owner[int(u)][0] for u in site_units if int(u) in owner})
 
 
-def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0, per_example: bool = True) -> fx.GraphModule:
+def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphModule:
     """Mutates `gm` (a fresh trace): gate calls at the top, masks before mixing consumers,
     section gates on residual branches. Gates see the first input (for the batch size)."""
     gm.add_submodule(GATES, nn.ModuleDict())
@@ -41,10 +41,10 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0, per_example:
 
     z = {}
     for name, group in plan.groups.items():
-        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init, per_example=per_example, name=name)
+        getattr(gm, GATES)[name] = ChannelGate(len(group.units), init, per_example=plan.per_example, name=name)
     for name, section in plan.sections.items():
         branch = nodes[section.add].args[section.branch_arg]
-        getattr(gm, GATES)[name] = SectionGate(init, per_example=per_example, name=name,
+        getattr(gm, GATES)[name] = SectionGate(init, per_example=plan.per_example, name=name,
                                                branch_ndim=len(branch.meta["tensor_meta"].shape))
     with gm.graph.inserting_after(anchor):
         for name in reversed(list(plan.groups) + list(plan.sections)):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .groups import is_tensor_meta, tensor_meta
+from .trace import is_tensor_meta, tensor_meta
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                       operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,

@@ -8,19 +8,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .channels import ChannelSpace, Layout
-from .plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
-from .rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
+from ..channels import ChannelSpace, Layout
+from ..capture.trace import is_tensor_meta, tensor_meta
+from ..plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
+from ..rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
 
 MAX_PARAM_IDS = 1 << 21  # a parameter combined elementwise gets one id per element; cap the cost
-
-
-def is_tensor_meta(meta) -> bool:
-    return meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype")
-
-
-def tensor_meta(node):
-    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
 
 
 def describe(node: fx.Node, modules) -> str:
@@ -82,7 +75,7 @@ class RuleContext(CallArgs):
 
     def consume(self, arg_index: int, dim: int):
         """This node mixes the channels of input `arg_index` along `dim`: a mask site."""
-        from .rules import along
+        from ..rules import along
 
         self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim)))
 

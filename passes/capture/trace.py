@@ -9,6 +9,15 @@ import torchvision
 from torch.fx.passes.shape_prop import ShapeProp
 
 
+def is_tensor_meta(meta) -> bool:
+    return meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype")
+
+
+def tensor_meta(node):
+    """The shape and dtype ShapeProp recorded for a node's tensor (None for other values)."""
+    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
 class TraceError(RuntimeError):
     """The model cannot be turned into a graph by torch.fx."""
 

@@ -9,6 +9,7 @@ training). The result is re-shape-propagated and every node checked against the 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import numbers
 import operator
 
@@ -17,104 +18,20 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .groups import is_tensor_meta, tensor_meta
-from .inplace import is_inplace, may_alias
-from .insert_gates import GATES, MASKS, mask_index, site_groups
-from .plan import Axis, Plan
-from .sections import network_depth
-from .rules import MODULE_RULES, CallArgs, lookup, size_deps
-from .trace import NodeFailure, propagate_shapes
+from ..capture.trace import is_tensor_meta, tensor_meta
+from ..capture.inplace import is_inplace, may_alias
+from ..gate.insert import GATES, MASKS, mask_index, site_groups
+from ..attach import PLAN_KEY, plan_of, set_plan
+from ..plan import Axis, Plan
+from ..analyse.sections import network_depth
+from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
+from ..capture.trace import NodeFailure, propagate_shapes
 
-PLAN_KEY = "vpsurgery.plan"
 SLICES_KEY = "vpsurgery.slices"  # qualified parameter name -> {dim: kept indices}, for optimizer state
 
 
 class ShrinkError(RuntimeError):
     """The shrunk graph disagrees with the plan: a bug in a channel rule, never silently ignored."""
-
-
-# GraphModule pickles its __dict__ but rebuilds itself with an empty `meta` (torch.save, pickle and
-# copy.copy of a whole module): an attribute that is the same dict as `meta` comes back, and restores it.
-SAVED_META = "_vpsurgery_meta"
-NODES_KEY = "vpsurgery.nodes"  # node names in graph order, checked against the graph rebuilt on load
-
-
-def set_plan(gm: fx.GraphModule, plan: Plan) -> None:
-    gm.meta[PLAN_KEY] = plan
-    gm.meta[NODES_KEY] = [(n.name, n.op) for n in gm.graph.nodes]
-    _keep_meta(gm)
-
-
-def _keep_meta(gm: fx.GraphModule) -> None:
-    gm.__dict__[SAVED_META] = gm.meta
-    hooks = gm.__dict__.get("_deepcopy_hooks")
-    if isinstance(hooks, list) and _keep_meta not in hooks:
-        hooks.append(_keep_meta)  # deepcopy builds a fresh module: alias its (copied) meta again
-
-
-def _containers_as_dicts(gm: fx.GraphModule) -> None:
-    """copy.copy of a GraphModule rebuilds the gate and mask containers as plain Modules: make them
-    ModuleDicts again (same children)."""
-    for name in (GATES, MASKS):
-        container = gm._modules.get(name)
-        if container is not None and not isinstance(container, nn.ModuleDict):
-            gm._modules[name] = nn.ModuleDict(dict(container.named_children()))
-
-
-_HOW_TO_SAVE = ("torch.save(gated.state_dict()), then vpsurgery.wrap(model) on the original model again and "
-                "load_state_dict; for a shrunk model, save vpsurgery.kept_map(small) too and rebuild it with "
-                "vpsurgery.replay(model, kept_map) before load_state_dict")
-
-
-def _rename_nodes(gm: fx.GraphModule, names: list[str]) -> None:
-    """The same graph with the given node names (in order): rebuilt, since fx never frees a name."""
-    graph, env = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls), {}
-    for node, name in zip(gm.graph.nodes, names):
-        env[node] = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
-                                      fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
-        env[node].meta = dict(node.meta)
-    gm.graph = graph
-    gm.recompile()
-
-
-def plan_of(gm: fx.GraphModule) -> Plan:
-    meta = getattr(gm, "meta", None) if isinstance(gm, fx.GraphModule) else None
-    if isinstance(meta, dict) and PLAN_KEY in meta:
-        if gm.__dict__.get(SAVED_META) is not meta:
-            _keep_meta(gm)
-        _containers_as_dicts(gm)
-        return meta[PLAN_KEY]
-    saved = gm.__dict__.get(SAVED_META) if isinstance(gm, fx.GraphModule) else None
-    if isinstance(saved, dict) and PLAN_KEY in saved:
-        return _restore(gm, saved)
-    if isinstance(gm, nn.Module) and GATES in gm._modules:
-        raise ValueError("this module has vpsurgery gates but lost its surgery plan (a whole gated model saved "
-                         "by another tool or an older vpsurgery?): save and restore it instead as "
-                         + _HOW_TO_SAVE) from None
-    raise ValueError("this module was not made by vpsurgery.wrap (it has no surgery plan); "
-                     "call vpsurgery.wrap(model) first") from None
-
-
-def _restore(gm: fx.GraphModule, saved: dict) -> Plan:
-    """After unpickling: put the plan back, check the rebuilt graph has the same nodes, and
-    re-propagate the shapes (node metadata does not survive pickling)."""
-    nodes = [(n.name, n.op) for n in gm.graph.nodes]
-    want = [tuple(x) for x in saved.get(NODES_KEY, nodes)]
-    if want != nodes and [op for _, op in want] == [op for _, op in nodes]:
-        _rename_nodes(gm, [name for name, _ in want])  # the rebuilt graph numbers its nodes afresh
-        nodes = [(n.name, n.op) for n in gm.graph.nodes]
-    if want != nodes:
-        raise ValueError("this module was saved as a whole and its graph came back different from the one "
-                         "its surgery plan describes; save and restore it instead as " + _HOW_TO_SAVE)
-    for k, v in gm.meta.items():
-        saved.setdefault(k, v)
-    gm.meta = saved
-    _keep_meta(gm)
-    plan = saved[PLAN_KEY]
-    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-        propagate_shapes(gm, [torch.zeros(s, dtype=getattr(torch, d), device=device) for s, d in plan.example])
-    return plan
 
 
 def decide(gm: fx.GraphModule, plan: Plan, threshold: float) -> tuple[set[int], set[str]]:
@@ -186,14 +103,13 @@ def _shrink(gated, plan, threshold, keep_gates, removed_units, removed_sections,
                              {n for n in plan.node_axes if n not in alive},
                              {m for m in plan.module_axes if m not in modules})
     if not keep_gates:
-        new_plan.sites, new_plan.groups, new_plan.sections = {}, {}, {}
+        new_plan = replace(new_plan, sites={}, groups={}, sections={})
     else:
-        new_plan.sites = {k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})}
-        new_plan.groups = {k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})}
+        new_plan = replace(new_plan, sites={k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})},
+                           groups={k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})})
     stage[0] = "checking the shrunk graph's shapes"
     _check_shapes(gm, plan, removed_units)
-    new_plan.depth = network_depth(gm)
-    set_plan(gm, new_plan)
+    set_plan(gm, replace(new_plan, depth=network_depth(gm)))
     return gm
 
 
