@@ -1,8 +1,17 @@
-"""The vpsurgery command line, end to end: compress a tiny LeNet-5 on digits once (subprocess), then
-export / verify / inspect it, load model.pt2 without vpsurgery, and every bad-input case."""
+"""The vpsurgery command line, end to end: compress a tiny MLP on 8x8 digits once (shared by every
+test, and by every xdist worker), then export / verify / inspect it, load model.pt2 without
+vpsurgery, and every bad-input case.
+
+Most commands run in-process through `vpsurgery.cli.main(argv)`, which is what the entry points
+call and which returns the exit code; a separate `python -m vpsurgery` process is used only where
+the process boundary is the point: exit codes and the one-line stderr of the real entry points, a
+report naming os.system, a run SIGKILLed during export, and model.pt2 loaded without vpsurgery.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -12,27 +21,75 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from vpsurgery import cli
 from vpsurgery.models import get_model
 
-MODEL = "vpsurgery:lenet5:width=0.25"
-FAST = ["--epochs", "1", "--batch-size", "256", "--repeats", "3", "--no-progress"]
+MODEL = "vpsurgery:lenet300_100:width=0.2"
+DATA = ("--data", "digits", "--image-size", "8")
+FAST = ("--epochs", "1", "--batch-size", "256", "--optimizer", "adam", "--lr", "0.01", "--repeats", "3",
+        "--no-progress")
+INPUT = (1, 1, 8, 8)
 RUN_FILES = ("model.pt2", "model.onnx", "dense.onnx", "weights.pt", "kept_map.json", "report.json", "report.md",
              "plots/theta.png", "plots/widths.png", "plots/accuracy_flops.png", "config.json", "manifest.json")
 
 
-def vps(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m vpsurgery ARGS` as a separate process."""
-    proc = subprocess.run([sys.executable, "-m", "vpsurgery", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+# ------------------------------------------------------------------ running the CLI
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def call(*argv: str) -> Result:
+    """`vpsurgery ARGV` in this process: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def ok(*argv: str) -> Result:
+    """`vpsurgery ARGV` in this process, which must succeed."""
+    result = call(*argv)
+    assert result.code == 0, f"exit {result.code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def bad(*argv: str) -> str:
+    """`vpsurgery ARGV` in this process, which must fail with exit 2 and exactly one line on
+    stderr (no traceback, no log line); returns the line."""
+    result = call(*argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and lines[0].startswith("vpsurgery: error: "), \
+        f"exit {result.code}\n{result.stderr}"
+    return lines[0]
+
+
+def vps(*args: str, check: bool = True, program: tuple[str, ...] = (sys.executable, "-m", "vpsurgery")) \
+        -> subprocess.CompletedProcess:
+    """Run the real entry point (`python -m vpsurgery ARGS` by default) as a separate process."""
+    proc = subprocess.run([*program, *args], capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def bad_process(*argv: str) -> str:
+    """`python -m vpsurgery ARGV` as a process that must fail with exit 2 and one line on stderr."""
+    proc = vps(*argv, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("vpsurgery: error: "), \
+        f"exit {proc.returncode}\n{proc.stderr}"
+    return lines[0]
 
 
 def digest(path: Path) -> str:
@@ -41,26 +98,55 @@ def digest(path: Path) -> str:
 
 def dense_checkpoint(path: Path, **kw) -> Path:
     torch.manual_seed(1)
-    torch.save({"model": get_model("lenet5", width=0.25, **kw).state_dict()}, path)
+    torch.save({"model": get_model("lenet300_100", width=0.2, in_features=64, **kw).state_dict()}, path)
     return path
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One compress run from a dense checkpoint: (run dir, checkpoint, checkpoint hash before, process)."""
-    tmp = tmp_path_factory.mktemp("cli")
-    checkpoint = dense_checkpoint(tmp / "dense.pt")
+# ------------------------------------------------------------------ one finished run, shared
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path  # the finished run directory: read it, never change it (copy_run first)
+    checkpoint: Path  # the dense checkpoint it started from
+    checkpoint_sha256: str  # of the checkpoint before the run
+    stdout: str
+
+
+def _build_run(root: Path) -> None:
+    if root.exists():  # an attempt that failed half-way (in another worker)
+        shutil.rmtree(root)
+    root.mkdir()
+    checkpoint = dense_checkpoint(root / "dense.pt")
     before = digest(checkpoint)
-    out = tmp / "run"
-    proc = vps("compress", MODEL, "--data", "digits", "--checkpoint", str(checkpoint), "--out", str(out),
-               "--show-layers", *FAST)
-    return out, checkpoint, before, proc
+    result = ok("compress", MODEL, *DATA, "--checkpoint", str(checkpoint), "--out", str(root / "run"),
+                "--show-layers", *FAST)
+    (root.parent / f"{root.name}.json").write_text(json.dumps({"sha256": before, "stdout": result.stdout}))
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, worker_id) -> Run:
+    """One compress run from a dense checkpoint, built once per test session: under xdist the first
+    worker to need it builds it (the others wait on a lock) in the session's shared temp dir."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # popen-gwN's parent: this session's
+    root, record = shared / "cli-run", shared / "cli-run.json"
+    with FileLock(str(shared / "cli-run.lock")):
+        if not record.is_file():
+            _build_run(root)
+    saved = json.loads(record.read_text())
+    return Run(root / "run", root / "dense.pt", saved["sha256"], saved["stdout"])
+
+
+def copy_run(run: Run, tmp_path: Path, name: str = "copy") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(run.dir, dest)
+    return dest
 
 
 # ------------------------------------------------------------------ the happy path
 
 def test_compress_writes_the_run_dir(run):
-    out, checkpoint, before, proc = run
+    out = run.dir
     for name in RUN_FILES:
         assert (out / name).is_file(), name
     assert not [p.name for p in out.rglob("*") if ".tmp" in p.name]  # every file went through temp + rename
@@ -68,19 +154,18 @@ def test_compress_writes_the_run_dir(run):
     assert not (out / "checkpoints").exists() and not (out.parent / "run.partial").exists()
     assert sorted(json.loads((out / "manifest.json").read_text())["files"]) == sorted(RUN_FILES[:-1])
     assert sorted(p.name for p in out.parent.iterdir()) == ["dense.pt", "run"]
-    assert digest(checkpoint) == before  # the input file is never modified
+    assert digest(run.checkpoint) == run.checkpoint_sha256  # the input file is never modified
     report = json.loads((out / "report.json").read_text())
-    assert report["input_shape"] == [1, 1, 28, 28]
-    assert report["model"]["kwargs"] == {"num_classes": 10, "in_channels": 1, "width": 0.25}
-    assert report["checkpoint_sha256"] == before
+    assert report["input_shape"] == list(INPUT)
+    assert report["model"]["kwargs"] == {"num_classes": 10, "in_features": 64, "width": 0.2}
+    assert report["checkpoint_sha256"] == run.checkpoint_sha256
     assert report["verification"]["passed"] and report["verification"]["max_abs_error"] < 1e-4
     assert report["latency"]["dense_ms"] > 0 and len(report["history"]) == 1
     assert report["totals"]["compressed"]["params"] <= report["totals"]["dense"]["params"]
-    assert "onnxruntime check PASSED" in proc.stdout and "conv1" in proc.stdout  # summary + --show-layers
+    assert "onnxruntime check PASSED" in run.stdout and "fc1" in run.stdout  # summary + --show-layers
 
 
 def test_pt2_loads_in_a_process_without_vpsurgery(run, tmp_path):
-    out = run[0]
     site = sysconfig.get_paths()["purelib"]
     # -S skips site.py, so neither the editable install's .pth hook nor the repo is on sys.path;
     # only site-packages (for torch) is added by hand.
@@ -94,9 +179,9 @@ except ImportError:
 else:
     raise SystemExit("vpsurgery is importable: the test is not isolated")
 import torch
-program = torch.export.load({str(out / 'model.pt2')!r})
+program = torch.export.load({str(run.dir / 'model.pt2')!r})
 for batch in (1, 5):
-    y = program.module()(torch.randn(batch, 1, 28, 28))
+    y = program.module()(torch.randn(batch, *{INPUT[1:]!r}))
     assert y.shape == (batch, 10), y.shape
 print("ok")
 """
@@ -107,35 +192,64 @@ print("ok")
 
 
 def test_export_from_a_weights_file(run, tmp_path):
-    out = run[0]
-    proc = vps("export", str(out / "weights.pt"), "--out", str(tmp_path / "b"))
+    result = ok("export", str(run.dir / "weights.pt"), "--out", str(tmp_path / "b"))
     assert (tmp_path / "b" / "model.pt2").is_file() and (tmp_path / "b" / "model.onnx").is_file()
-    assert "PASSED" in proc.stdout
+    assert "PASSED" in result.stdout
     # the exported file verifies against the run it came from
-    proc = vps("verify", str(tmp_path / "b" / "model.onnx"), "--reference", str(out), "--repeats", "2")
-    assert "PASSED" in proc.stdout
+    result = ok("verify", str(tmp_path / "b" / "model.onnx"), "--reference", str(run.dir), "--repeats", "2")
+    assert "PASSED" in result.stdout
 
 
 def test_verify_reports_errors_latency_and_flops(run):
-    proc = vps("verify", str(run[0] / "model.onnx"), "--repeats", "3")
-    assert "onnxruntime check PASSED" in proc.stdout
-    assert "speedup" in proc.stdout and "FLOPs: compressed / dense" in proc.stdout
+    result = ok("verify", str(run.dir / "model.onnx"), "--repeats", "3")
+    assert "onnxruntime check PASSED" in result.stdout
+    assert "speedup" in result.stdout and "FLOPs: compressed / dense" in result.stdout
 
 
 def test_verify_fails_on_a_different_model(run):
     # dense.onnx has the same input/output shapes but other weights and channels
-    proc = vps("verify", str(run[0] / "dense.onnx"), "--reference", str(run[0]), "--repeats", "0", check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("vpsurgery: check failed:")
-    assert "Traceback" not in proc.stderr
+    result = call("verify", str(run.dir / "dense.onnx"), "--reference", str(run.dir), "--repeats", "0")
+    assert result.code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("vpsurgery: check failed:")
+    assert "Traceback" not in result.stderr
 
 
 def test_inspect_run_and_model(run):
-    proc = vps("inspect", str(run[0]))
-    assert "->" in proc.stdout and "parameters" in proc.stdout and "channel groups" in proc.stdout
-    proc = vps("inspect", "vpsurgery:resnet20:width=0.25")
-    assert "residual sections" in proc.stdout and "layer3.2.conv2" in proc.stdout and "FLOPs" in proc.stdout
-    assert "unprunable" in proc.stdout and "reaches the model output" in proc.stdout
+    result = ok("inspect", str(run.dir))
+    assert "->" in result.stdout and "parameters" in result.stdout and "channel groups" in result.stdout
+    result = ok("inspect", "vpsurgery:resnet20:width=0.25")
+    assert "residual sections" in result.stdout and "layer3.2.conv2" in result.stdout and "FLOPs" in result.stdout
+    assert "unprunable" in result.stdout and "reaches the model output" in result.stdout
+
+
+# ------------------------------------------------------------------ the real entry points (processes)
+
+def _console_script() -> tuple[str, ...]:
+    script = Path(sys.executable).with_name("vpsurgery")
+    return (str(script),) if script.is_file() else (sys.executable, "-m", "vpsurgery")
+
+
+def test_exit_codes_of_the_real_entry_points(run):
+    # 0: success, through `python -m vpsurgery`
+    proc = vps("verify", str(run.dir / "model.onnx"), "--repeats", "0")
+    assert "onnxruntime check PASSED" in proc.stdout
+    # 1: a failed check, through the installed `vpsurgery` script ([project.scripts])
+    proc = vps("verify", str(run.dir / "dense.onnx"), "--reference", str(run.dir), "--repeats", "0", check=False,
+               program=_console_script())
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("vpsurgery: check failed:")
+    assert "Traceback" not in proc.stderr
+    # 2: bad input, one line on stderr and nothing else (no warning printed while importing)
+    proc = vps("inspect", "vpsurgery:nope", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback():
+    from vpsurgery.specs import SpecError
+
+    assert call("inspect", "vpsurgery:nope").code == 2
+    with pytest.raises(SpecError):  # --debug lets the exception out: Python prints the traceback
+        call("inspect", "vpsurgery:nope", "--debug")
 
 
 # ------------------------------------------------------------------ bad input (in-process: fast)
@@ -150,7 +264,7 @@ def fails(capsys, *argv: str, code: int = 2) -> str:
 
 
 def compress_args(tmp_path, *extra, model=MODEL, data="digits"):
-    return ("compress", model, "--data", data, "--out", str(tmp_path / "out"), *FAST, *extra)
+    return ("compress", model, "--data", data, "--image-size", "8", "--out", str(tmp_path / "out"), *FAST, *extra)
 
 
 @pytest.mark.parametrize("model, message", [
@@ -172,11 +286,11 @@ def test_checkpoint_missing(capsys, tmp_path):
 
 def test_checkpoint_truncated(capsys, tmp_path):
     full = dense_checkpoint(tmp_path / "full.pt").read_bytes()
-    bad = tmp_path / "cut.pt"
-    bad.write_bytes(full[: len(full) // 2])
-    before = digest(bad)
-    assert "truncated or corrupt" in fails(capsys, *compress_args(tmp_path, "--checkpoint", str(bad)))
-    assert digest(bad) == before
+    bad_file = tmp_path / "cut.pt"
+    bad_file.write_bytes(full[: len(full) // 2])
+    before = digest(bad_file)
+    assert "truncated or corrupt" in fails(capsys, *compress_args(tmp_path, "--checkpoint", str(bad_file)))
+    assert digest(bad_file) == before
 
 
 def test_checkpoint_not_a_checkpoint(capsys, tmp_path):
@@ -190,12 +304,12 @@ def test_checkpoint_of_another_architecture(capsys, tmp_path):
     other = tmp_path / "resnet.pt"
     torch.save(get_model("resnet20", width=0.25).state_dict(), other)
     reason = fails(capsys, *compress_args(tmp_path, "--checkpoint", str(other)))
-    assert "does not match the architecture" in reason and "missing keys" in reason and "conv1.bias" in reason
+    assert "does not match the architecture" in reason and "missing keys" in reason and "fc1.bias" in reason
 
 
 def test_checkpoint_with_other_shapes(capsys, tmp_path):
     other = dense_checkpoint(tmp_path / "seven.pt", num_classes=7)
-    assert "shape mismatches [fc2.weight" in fails(capsys, *compress_args(tmp_path, "--checkpoint", str(other)))
+    assert "shape mismatches [fc3.weight" in fails(capsys, *compress_args(tmp_path, "--checkpoint", str(other)))
 
 
 @pytest.mark.parametrize("data, message", [
@@ -238,29 +352,7 @@ def test_usage_errors_exit_2(capsys):
     capsys.readouterr()
 
 
-def test_one_line_error_and_debug_traceback(tmp_path):
-    proc = vps("inspect", "vpsurgery:nope", check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    proc = vps("inspect", "vpsurgery:nope", "--debug", check=False)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "SpecError" in proc.stderr
-
-
-# ------------------------------------------------------------------ issue #8 (each through `python -m vpsurgery`)
-
-def bad(*argv: str, cwd: Path | None = None) -> str:
-    """Run the CLI as a subprocess that must fail with exit 2 and one line on stderr; return the line."""
-    proc = vps(*argv, cwd=cwd, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("vpsurgery: error: "), \
-        f"exit {proc.returncode}\n{proc.stderr}"
-    return lines[0]
-
-
-def copy_run(run, tmp_path: Path, name: str = "copy") -> Path:
-    dest = tmp_path / name
-    shutil.copytree(run[0], dest)
-    return dest
-
+# ------------------------------------------------------------------ issue #8
 
 def reseal(run_dir: Path) -> None:
     """Rewrite manifest.json for the tampered files, as an attacker (or a careless user) could."""
@@ -291,7 +383,7 @@ def test_a_report_naming_os_system_runs_no_code(run, tmp_path, command):
     evil_report(target, marker)
     argv = {"verify": ("verify", str(target / "model.onnx")), "inspect": ("inspect", str(target)),
             "export": ("export", str(target), "--out", str(tmp_path / "exported"))}[command]
-    reason = bad(*argv)
+    reason = bad_process(*argv)  # a real process: nothing of the test's is imported or set up in it
     assert "--model" in reason and "os:system" in reason and "registries" in reason
     if command == "verify":  # naming the factory without the file's arguments is not the recorded spec
         assert "does not match" in bad(*argv, "--model", "os:system")
@@ -301,16 +393,16 @@ def test_a_report_naming_os_system_runs_no_code(run, tmp_path, command):
 def test_a_user_factory_is_rebuilt_only_with_model_option(run, tmp_path):
     target = copy_run(run, tmp_path)
     report = json.loads((target / "report.json").read_text())
-    report["model"] = {**report["model"], "spec": "vpsurgery.models.lenet:LeNet5:width=0.25",
-                       "source": "vpsurgery.models.lenet", "name": "LeNet5"}
+    report["model"] = {**report["model"], "spec": "vpsurgery.models.lenet:LeNet300100:width=0.2",
+                       "source": "vpsurgery.models.lenet", "name": "LeNet300100"}
     (target / "report.json").write_text(json.dumps(report))
     reseal(target)
-    assert "pass --model vpsurgery.models.lenet:LeNet5" in bad("verify", str(target / "model.onnx"))
+    assert "pass --model vpsurgery.models.lenet:LeNet300100" in bad("verify", str(target / "model.onnx"))
     assert "does not match" in bad("verify", str(target / "model.onnx"), "--model",
-                                   "vpsurgery.models.lenet:LeNet5:width=0.5")
-    proc = vps("verify", str(target / "model.onnx"), "--repeats", "0", "--model",
-               "vpsurgery.models.lenet:LeNet5:width=0.25")
-    assert "onnxruntime check PASSED" in proc.stdout
+                                   "vpsurgery.models.lenet:LeNet300100:width=0.5")
+    result = ok("verify", str(target / "model.onnx"), "--repeats", "0", "--model",
+                "vpsurgery.models.lenet:LeNet300100:width=0.2")
+    assert "onnxruntime check PASSED" in result.stdout
 
 
 def test_a_checkpoint_carrying_code_is_refused_as_such(run, tmp_path):
@@ -355,7 +447,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
 def test_force_killed_during_export_keeps_the_old_run_and_resume_finishes(run, tmp_path):
     out = copy_run(run, tmp_path, "out")
     old = {p: digest(out / p) for p in RUN_FILES}
-    args = ["compress", MODEL, "--data", "digits", "--out", str(out), *FAST, "--seed", "1", "--force"]
+    args = ["compress", MODEL, *DATA, "--out", str(out), *FAST, "--seed", "1", "--force"]
+    # a real process, SIGKILLed (nothing of Python's clean-up runs)
     proc = subprocess.Popen([sys.executable, "-m", "vpsurgery", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "out.partial"
@@ -365,17 +458,17 @@ def test_force_killed_during_export_keeps_the_old_run_and_resume_finishes(run, t
     # the finished run is untouched and still usable; the new one waits in out.partial
     assert {p: digest(out / p) for p in RUN_FILES} == old
     assert not (out / "checkpoints").exists() and (partial / "checkpoints" / "last.pt").is_file()
-    assert "PASSED" in vps("verify", str(out / "model.onnx"), "--repeats", "0").stdout
+    assert "PASSED" in ok("verify", str(out / "model.onnx"), "--repeats", "0").stdout
     assert "unfinished" in bad(*args[:-1])  # neither --resume nor --force: refused, nothing touched
     assert "repeat the original arguments" in bad(*args, "--resume", "--epochs", "2")
     assert "unfinished run" in bad("export", str(partial), "--out", str(tmp_path / "x"))
-    vps(*args, "--resume", "--keep-checkpoint")
+    ok(*args, "--resume", "--keep-checkpoint")
     assert not partial.exists() and not (tmp_path / "out.replaced").exists()
     assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert [h["epoch"] for h in json.loads((out / "report.json").read_text())["history"]] == [1]
     assert (out / "checkpoints" / "last.pt").is_file()  # --keep-checkpoint
-    assert "PASSED" in vps("verify", str(out / "model.onnx"), "--repeats", "0").stdout
+    assert "PASSED" in ok("verify", str(out / "model.onnx"), "--repeats", "0").stdout
     assert "is a finished run" in bad(*args, "--resume")
 
 
@@ -471,18 +564,18 @@ def test_a_bad_kept_map_is_named(run, tmp_path, kept, message):
 def test_verify_an_empty_onnx_file_and_a_directory(run, tmp_path):
     empty = tmp_path / "model.onnx"
     empty.write_bytes(b"")
-    assert "is empty (0 bytes)" in bad("verify", str(empty), "--reference", str(run[0]))
-    assert "is a directory; pass the .onnx file itself" in bad("verify", str(run[0]))
+    assert "is empty (0 bytes)" in bad("verify", str(empty), "--reference", str(run.dir))
+    assert "is a directory; pass the .onnx file itself" in bad("verify", str(run.dir))
 
 
 def test_export_force_replaces_only_an_export(run, tmp_path):
     out = tmp_path / "exp"
-    vps("export", str(run[0]), "--out", str(out))
+    ok("export", str(run.dir), "--out", str(out))
     first = json.loads((out / "manifest.json").read_text())
-    assert "--force" in bad("export", str(run[0]), "--out", str(out))
-    vps("export", str(run[0]), "--out", str(out), "--force")
+    assert "--force" in bad("export", str(run.dir), "--out", str(out))
+    ok("export", str(run.dir), "--out", str(out), "--force")
     assert json.loads((out / "manifest.json").read_text())["files"].keys() == first["files"].keys()
     (out / "notes.txt").write_text("mine")
-    assert "notes.txt" in bad("export", str(run[0]), "--out", str(out), "--force")
+    assert "notes.txt" in bad("export", str(run.dir), "--out", str(out), "--force")
     assert (out / "notes.txt").read_text() == "mine"
     assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
