@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+# tqdm.auto's asyncio variant calls iter(loader) when it is made, so the loader would be iterated twice
+# per epoch (an extra draw from its generator, and its workers started twice): the plain one does not.
+from tqdm import tqdm
 
 from vpsurgery.config import FitConfig, default, make_config
 from vpsurgery.surgery import gates as gates_of
@@ -64,6 +66,7 @@ class FitResult:
     decided_before_hardening: float | None = None  # share of theta at 0 or 1 by itself before the rounding
     removal_90_epoch: int | None = None  # first epoch by whose end 90% of the run's removal (in `per`) was done
     price: float | None = None  # the price at the end (found by the controller when a target is set)
+    share_before_hardening: float | None = None  # expected cost share (per `per`) just before the rounding
 
 
 # fit's own keyword arguments; every other keyword is a setting (a FitConfig field)
@@ -130,7 +133,7 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, config: FitConfig 
     return FitResult(pruner.model, history, pruner.removed_units, pruner.removed_sections, dense_params, dense_macs,
                      pruner.state.decided_before_hardening,
                      _removal_epoch(history, dense_params if config.per == "params" else dense_macs, config.per),
-                     pruner.price)
+                     pruner.price, pruner.state.share_before_hardening)
 
 
 def _with_settings(func):

@@ -48,9 +48,10 @@ AT_END = 0.01
 
 # Budget mode, chosen by measurement (docs/budget.md, bench/budget_sweep.py).
 RAMP = 0.5  # the goal runs from 1 to the target over this share of the stochastic phase, then holds
-PRICE_RATE = 0.1  # largest change of log(price) in one step
-INITIAL_LOAD = 0.3  # initial price: the cost term is this many nats per example at theta = 1
-THETA_TRAVEL = 3.0  # Adam on theta: the annealed step sizes of the stochastic phase sum to at least this
+PRICE_RATE = 0.05  # largest change of log(price) in one step
+INITIAL_LOAD = 0.1  # initial price: the cost term is this many nats per example at theta = 1
+THETA_TRAVEL = 2.0  # Adam on theta: the annealed step sizes of the stochastic phase sum to at least this
+THETA_LR_CAP = 0.02  # ... but theta's step never exceeds this (larger steps made small nets collapse)
 
 
 def hardening_epoch(config: FitConfig) -> int:
@@ -145,7 +146,7 @@ class Pruner:
             return config.theta_lr
         steps = self.stochastic_steps or self.total_steps
         travel = sum(self.anneal(t) for t in range(steps))  # how far Adam can move theta at theta_lr = 1
-        return max(config.theta_lr, THETA_TRAVEL / travel)
+        return max(config.theta_lr, min(THETA_TRAVEL / travel, THETA_LR_CAP))
 
     @property
     def goal(self) -> float | None:
@@ -225,13 +226,16 @@ class Pruner:
                 sections.add(name)
         return units - set(plan.removed_units) - self.state.kept_anyway, sections
 
-    def prune(self, optimizer: torch.optim.Optimizer | None = None):
+    def prune(self, optimizer=None):
         """Remove physically what prune_threshold decides; returns (model, optimizer).
 
-        The optimizer (the weights') is updated in place: its parameter groups point to the new,
-        smaller parameters and its state (momenta, Adam's moments) is sliced like them."""
-        if optimizer is not None:
-            self._check_optimizer(optimizer)
+        The optimizer (the weights'; or a list of optimizers) is updated in place: its parameter
+        groups point to the new, smaller parameters and its state (momenta, Adam's moments) is
+        sliced like them, so a scheduler built on it keeps working."""
+        optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) \
+            else [optimizer]
+        for opt in optimizers:
+            self._check_optimizer(opt)
         self._sync_theta()
         units, sections = self.decision()
         if not units and not sections:
@@ -240,8 +244,8 @@ class Pruner:
         new = shrink_structures(old, keep_gates=True, removed_units=set(plan_of(old).removed_units) | units,
                                 removed_sections=sections)
         self.state.kept_anyway |= units - set(plan_of(new).removed_units)
-        if optimizer is not None:
-            carry_optimizer(optimizer, old, new)
+        for opt in optimizers:
+            carry_optimizer(opt, old, new)
         if self.theta_optimizer is not None:
             if gates_of(new):
                 carry_optimizer(self.theta_optimizer, old, new)
