@@ -7,14 +7,32 @@ For every op kind (module type, function, method name) a `Rule` answers:
      rebuild the module at its new size (`resize`); for calls with literal sizes in their arguments
      (view, split, getitem), how to rewrite those arguments (`rewrite`).
 
+  3. op facts, the same for every pass that asks (`facts`): is the op an affine map of its tensor
+     input (`linear`: a path of such ops is a linear residual connection), an activation
+     (`nonlinear`), how many sequential weight layers it holds (`layer`: conv/linear 1, attention 2;
+     network depth and the cost model read it), may its output share memory with its input
+     (`alias`: views, casts that may return the input, dropout), is it random (`random`: a view
+     that must not be replayed).
+
+Decisions made once here: average pooling (and adaptive average pooling) is linear, max/LP pooling
+is not; BatchNorm is linear (an affine map in eval, which is what sections are judged by);
+dropout and stochastic depth are linear (identity in eval, a fixed per-position scale when
+sampled) and may alias (in eval they return their input itself), but are random, so never
+replayed as views. Ops with facts but no channel rule (MultiheadAttention, narrow, select, ...)
+carry `analyse=None`: `lookup` does not return them and the walker pins them like unknown ops.
+
 An op absent from this table is never guessed at: the walker in `groups.py` pins every channel that
-reaches it (it stays) and reports the op.
+reaches it (it stays) and reports the op; its facts (`UNKNOWN`) are the conservative ones
+(nonlinear, not linear, not a layer, may alias). One exception, by construction of the table: a
+torch op that is not listed does not alias, since every torch view op is listed here.
+
+Users add rules for their own ops with `register_rule` (public as `vpsurgery.register_rule`).
 """
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -33,7 +51,8 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Rule:
-    analyse: Callable[[Any], Any]
+    # channel analysis (None: facts only; the walker treats the op as unknown)
+    analyse: Callable[[Any], Any] | None
     # module rules: parameter/buffer name -> {dim: channel axis name}, as a function of the module
     params: Callable[[nn.Module], dict[str, dict[int, str]]] | None = None
     # module rules: set the module's size hyperparameters from the kept size of each axis
@@ -42,6 +61,16 @@ class Rule:
     rewrite: Callable[[Any], None] | None = None
     # module rules for mixing consumers: scale input channels (folds a gate value into weights)
     fold_input: Callable[[nn.Module, torch.Tensor], None] | None = None
+    # ---- op facts (module docstring, item 3)
+    linear: bool = False  # an affine map of its tensor input (linear residual paths)
+    nonlinear: bool = False  # an activation (add_residuals' tail must hold one)
+    layer: int = 0  # sequential weight layers in the op (conv/linear 1, attention 2)
+    alias: bool = False  # the output may share memory with (or be) the first input
+    random: bool = False  # sampled (dropout): its result cannot be made again
+
+
+def _facts(rule: Rule, **facts) -> Rule:
+    return replace(rule, **facts)
 
 
 class CallArgs:
@@ -135,14 +164,80 @@ FUNCTION_RULES: dict[Callable, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 
 
-def lookup(node, modules) -> Rule | None:
+def _registered(node, modules) -> Rule | None:
     if node.op == "call_module":
         return MODULE_RULES.get(type(modules[node.target]))  # exact type: a subclass may change forward
     if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
+        try:
+            return FUNCTION_RULES.get(node.target)
+        except TypeError:  # an unhashable callable
+            return None
     if node.op == "call_method":
         return METHOD_RULES.get(node.target)
     return None
+
+
+def lookup(node, modules) -> Rule | None:
+    """The channel rule of `node`'s op, or None (the walker pins what reaches it)."""
+    rule = _registered(node, modules)
+    return rule if rule is not None and rule.analyse is not None else None
+
+
+# Facts of an op the table does not know: it may compute anything (nonlinear, not linear, no
+# layer it declares) and may return its input or a view of it.
+UNKNOWN = Rule(analyse=None, linear=False, nonlinear=True, layer=0, alias=True)
+# A torch op not in the table: as unknown, but not an alias (every torch view op is listed).
+_UNLISTED_TORCH = replace(UNKNOWN, alias=False)
+# Graph inputs and parameters.
+_PLACEHOLDER = Rule(analyse=None, linear=False, nonlinear=False, alias=False)
+_GET_ATTR = Rule(analyse=None, linear=True, nonlinear=False, alias=False)  # a constant: affine
+
+
+def _from_torch(node, modules) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]).__module__.startswith(("torch.", "torchvision."))
+    if node.op == "call_method":
+        return True  # a Tensor method
+    module = getattr(node.target, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "torchvision", "_operator", "operator", "builtins", "math")
+
+
+def facts(node, modules) -> Rule:
+    """The op facts of `node` (its Rule, or `UNKNOWN`): what sections, depth, the cost model, the
+    in-place pass and shrink's dead-code elimination read. A subclass of a registered module keeps
+    its base's `layer` (its weights are the base's) and nothing else: its forward may differ."""
+    rule = _registered(node, modules)
+    if rule is not None:
+        return rule
+    if node.op == "placeholder":
+        return _PLACEHOLDER
+    if node.op == "get_attr":
+        return _GET_ATTR
+    if node.op == "call_module":
+        for base in type(modules[node.target]).__mro__[1:]:
+            if base in MODULE_RULES:
+                return replace(UNKNOWN, layer=MODULE_RULES[base].layer)
+    if node.op in ("call_module", "call_function", "call_method") and _from_torch(node, modules):
+        return _UNLISTED_TORCH
+    return UNKNOWN
+
+
+def register_rule(op, rule: Rule) -> None:
+    """Register `rule` for `op`: a module class (exact type), a function, or a Tensor method name.
+    Replaces the rule `op` had. Rules are read when a model is wrapped (graphs wrapped before keep
+    their plan). Build rules with `elementwise()` or `channelwise_module(...)`, or a `Rule`."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"register_rule: expected a Rule, got {type(rule).__name__}")
+    if isinstance(op, str):
+        METHOD_RULES[op] = rule
+    elif isinstance(op, type):
+        if not issubclass(op, nn.Module):
+            raise TypeError(f"register_rule: {op.__name__} is a class but not an nn.Module")
+        MODULE_RULES[op] = rule
+    elif callable(op):
+        FUNCTION_RULES[op] = rule
+    else:
+        raise TypeError(f"register_rule: op must be a module class, a function or a method name, got {op!r}")
 
 
 def _register(table, keys, rule):
@@ -239,11 +334,11 @@ def _fold_weight_dim(d):
 for spatial, classes in ((1, (nn.Conv1d,)), (2, (nn.Conv2d,)), (3, (nn.Conv3d,))):
     _register(MODULE_RULES, classes, Rule(
         analyse=lambda ctx, s=spatial: _conv_analyse(ctx, s),
-        params=_conv_params, resize=_conv_resize, fold_input=_fold_weight_dim(1)))
+        params=_conv_params, resize=_conv_resize, fold_input=_fold_weight_dim(1), linear=True, layer=1))
 for spatial, classes in ((1, (nn.ConvTranspose1d,)), (2, (nn.ConvTranspose2d,)), (3, (nn.ConvTranspose3d,))):
     _register(MODULE_RULES, classes, Rule(
         analyse=lambda ctx, s=spatial: _conv_analyse(ctx, s),
-        params=_convT_params, resize=_conv_resize, fold_input=_fold_weight_dim(0)))
+        params=_convT_params, resize=_conv_resize, fold_input=_fold_weight_dim(0), linear=True, layer=1))
 
 
 def _linear_analyse(ctx):
@@ -261,7 +356,7 @@ def _linear_resize(m, sizes):
 MODULE_RULES[nn.Linear] = Rule(
     analyse=_linear_analyse,
     params=lambda m: {"weight": {0: "out", 1: "in"}, "bias": {0: "out"}},
-    resize=_linear_resize, fold_input=_fold_weight_dim(1))
+    resize=_linear_resize, fold_input=_fold_weight_dim(1), linear=True, layer=1)
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -288,12 +383,13 @@ def _bn_resize(m, sizes):
 _bn_params = lambda m: {k: {0: "ch"} for k in _NORM_STATE}
 _register(MODULE_RULES, (nn.BatchNorm1d, nn.SyncBatchNorm), Rule(
     analyse=lambda ctx: _per_channel_analyse(ctx, None, ctx.module.num_features),
-    params=_bn_params, resize=_bn_resize))
+    params=_bn_params, resize=_bn_resize, linear=True))
 for spatial, classes in ((2, (nn.BatchNorm2d,)), (3, (nn.BatchNorm3d,)),
                          (1, (nn.InstanceNorm1d,)), (2, (nn.InstanceNorm2d,)), (3, (nn.InstanceNorm3d,))):
     _register(MODULE_RULES, classes, Rule(
         analyse=lambda ctx, s=spatial: _per_channel_analyse(ctx, s, ctx.module.num_features),
-        params=_bn_params, resize=_bn_resize))
+        params=_bn_params, resize=_bn_resize,
+        linear=issubclass(classes[0], nn.modules.batchnorm._BatchNorm)))  # instance statistics: not affine
 
 
 def _gn_resize(m, sizes):
@@ -339,31 +435,43 @@ def _prelu_resize(m, sizes):
 
 
 MODULE_RULES[nn.PReLU] = Rule(analyse=_prelu_analyse, resize=_prelu_resize,
-                              params=lambda m: {"weight": {0: "ch"}} if m.num_parameters > 1 else {})
+                              params=lambda m: {"weight": {0: "ch"}} if m.num_parameters > 1 else {}, nonlinear=True)
 
 
 # --------------------------------------------------------------------------- elementwise
-_UNARY_MODULES = (
+_ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
     nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Identity,
+    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold,
+)
+_DROPOUT_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     torchvision.ops.StochasticDepth,  # multiplies whole samples by one scalar: channel-separable
 )
-_UNARY_FUNCTIONS = (
+_ACTIVATION_FUNCTIONS = (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardsigmoid,
-    F.hardswish, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.sigmoid, F.tanh, F.dropout,
-    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh,
-    torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp,
-    torch.clip, torch.erf, operator.neg, operator.pos, torchvision.ops.stochastic_depth,
+    F.hardswish, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.sigmoid, F.tanh, torch.relu,
+    torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square,
+    torch.clamp, torch.clip, torch.erf,
 )
-_UNARY_METHODS = (
-    "relu", "sigmoid", "tanh", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "square", "clamp", "clip",
-    "erf", "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type_as",
-)
-_register(MODULE_RULES, _UNARY_MODULES, Rule(analyse=_same))
-_register(FUNCTION_RULES, _UNARY_FUNCTIONS, Rule(analyse=_same))
-_register(METHOD_RULES, _UNARY_METHODS + tuple(m + "_" for m in _UNARY_METHODS[:12]), Rule(analyse=_same))
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      torchvision.ops.stochastic_depth)
+_ACTIVATION_METHODS = ("relu", "sigmoid", "tanh", "exp", "log", "abs", "sqrt", "rsqrt", "square", "clamp", "clip",
+                       "erf")
+_CAST_METHODS = ("contiguous", "detach", "float", "half", "bfloat16", "double", "to", "type_as")  # may return self
+
+_activation = Rule(analyse=_same, nonlinear=True)
+_dropout = Rule(analyse=_same, linear=True, alias=True, random=True)  # identity (itself) in eval
+_register(MODULE_RULES, _ACTIVATION_MODULES, _activation)
+MODULE_RULES[nn.Identity] = Rule(analyse=_same, linear=True, alias=True)
+_register(MODULE_RULES, _DROPOUT_MODULES, _dropout)
+_register(FUNCTION_RULES, _ACTIVATION_FUNCTIONS, _activation)
+_register(FUNCTION_RULES, _DROPOUT_FUNCTIONS, _dropout)
+_register(FUNCTION_RULES, (torch.neg, operator.neg, operator.pos), Rule(analyse=_same, linear=True))
+_register(METHOD_RULES, _ACTIVATION_METHODS + tuple(m + "_" for m in _ACTIVATION_METHODS), _activation)
+_register(METHOD_RULES, ("neg", "neg_"), Rule(analyse=_same, linear=True))
+_register(METHOD_RULES, _CAST_METHODS, Rule(analyse=_same, linear=True, alias=True))
+METHOD_RULES["clone"] = Rule(analyse=_same, linear=True)
 
 
 def _elementwise(ctx):
@@ -429,8 +537,10 @@ for spatial, mods, fns in (
         (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
          (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d))):
     rule = Rule(analyse=lambda ctx, s=spatial: _spatial_only(ctx, s, "pooling"))
-    _register(MODULE_RULES, mods, rule)
-    _register(FUNCTION_RULES, fns, rule)
+    for op in mods + fns:  # average pooling is an affine map; max and LP pooling are not
+        average = "avg" in getattr(op, "__name__", "").lower()
+        (MODULE_RULES if isinstance(op, type) else FUNCTION_RULES)[op] = replace(
+            rule, linear=average, nonlinear=not average and "Upsampl" not in op.__name__)
 
 
 def _interpolate(ctx):
@@ -493,9 +603,10 @@ def _softmax(ctx):
     return lay
 
 
-_register(MODULE_RULES, (nn.Softmax, nn.LogSoftmax), Rule(analyse=_softmax))
-_register(FUNCTION_RULES, (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), Rule(analyse=_softmax))
-_register(METHOD_RULES, ("softmax", "log_softmax"), Rule(analyse=_softmax))
+_softmax_rule = Rule(analyse=_softmax, nonlinear=True)
+_register(MODULE_RULES, (nn.Softmax, nn.LogSoftmax), _softmax_rule)
+_register(FUNCTION_RULES, (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), _softmax_rule)
+_register(METHOD_RULES, ("softmax", "log_softmax"), _softmax_rule)
 
 
 # --------------------------------------------------------------------------- layout ops
@@ -513,8 +624,8 @@ def _permute(ctx):
     return Layout(np.transpose(lay.ids, order), dim)
 
 
-_register(FUNCTION_RULES, (torch.permute, torch.transpose, torch.swapaxes), Rule(analyse=_permute))
-_register(METHOD_RULES, ("permute", "transpose", "swapaxes"), Rule(analyse=_permute))
+_register(FUNCTION_RULES, (torch.permute, torch.transpose, torch.swapaxes), Rule(analyse=_permute, linear=True, alias=True))
+_register(METHOD_RULES, ("permute", "transpose", "swapaxes"), Rule(analyse=_permute, linear=True, alias=True))
 
 
 def _reshape(ctx):
@@ -552,10 +663,10 @@ def _rewrite_sizes(ctx):
         ctx.set_varargs(1, fixed)
 
 
-_reshape_rule = Rule(analyse=_reshape, rewrite=_rewrite_sizes)
+_reshape_rule = Rule(analyse=_reshape, rewrite=_rewrite_sizes, linear=True, alias=True)
 _register(METHOD_RULES, ("view", "reshape"), _reshape_rule)
 FUNCTION_RULES[torch.reshape] = _reshape_rule
-_plain_reshape = Rule(analyse=_reshape)
+_plain_reshape = Rule(analyse=_reshape, linear=True, alias=True)
 _register(FUNCTION_RULES, (torch.flatten, torch.squeeze, torch.unsqueeze), _plain_reshape)
 _register(METHOD_RULES, ("flatten", "squeeze", "unsqueeze"), _plain_reshape)
 MODULE_RULES[nn.Flatten] = _plain_reshape
@@ -571,8 +682,8 @@ def _unflatten_rewrite(ctx):
         ctx.set_arg(2, "sizes", tuple(fixed))
 
 
-_register(METHOD_RULES, ("unflatten",), Rule(analyse=_reshape, rewrite=_unflatten_rewrite))
-FUNCTION_RULES[torch.unflatten] = Rule(analyse=_reshape, rewrite=_unflatten_rewrite)
+_register(METHOD_RULES, ("unflatten",), Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True))
+FUNCTION_RULES[torch.unflatten] = Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True)
 
 
 def _expand(ctx):
@@ -585,7 +696,7 @@ def _expand(ctx):
     return Layout(lay.ids.reshape((1,) * pad + lay.ids.shape), None if lay.dim is None else lay.dim + pad)
 
 
-METHOD_RULES["expand"] = Rule(analyse=_expand, rewrite=_rewrite_sizes)
+METHOD_RULES["expand"] = Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True)
 
 
 def _cat(ctx):
@@ -621,7 +732,7 @@ def _split_rewrite(ctx):
         ctx.replace_call(torch.split, (ctx.arg(0, "input"), new_sizes, dim))
 
 
-_split_rule = Rule(analyse=_split, rewrite=_split_rewrite)
+_split_rule = Rule(analyse=_split, rewrite=_split_rewrite, alias=True)
 _register(FUNCTION_RULES, (torch.split, torch.chunk), _split_rule)
 _register(METHOD_RULES, ("split", "chunk"), _split_rule)
 
@@ -705,7 +816,7 @@ def _getitem_rewrite(ctx):
         ctx.set_arg(1, "index", tuple(full_index))
 
 
-FUNCTION_RULES[operator.getitem] = Rule(analyse=_getitem, rewrite=_getitem_rewrite)
+FUNCTION_RULES[operator.getitem] = Rule(analyse=_getitem, rewrite=_getitem_rewrite, alias=True)
 
 
 # --------------------------------------------------------------------------- metadata only
@@ -714,3 +825,46 @@ _register(FUNCTION_RULES, (getattr, torch._assert, operator.eq, operator.ne, ope
                            torch._C._get_tracing_state), Rule(analyse=_metadata))
 _register(METHOD_RULES, ("size", "dim", "numel", "ndimension", "nelement", "get_device"), Rule(analyse=_metadata))
 METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+# --------------------------------------------------------------------------- facts without a channel rule
+# The walker pins what reaches these (as for unknown ops); their facts are still known.
+MODULE_RULES[nn.MultiheadAttention] = Rule(analyse=None, nonlinear=True, layer=2)  # in and out projections
+MODULE_RULES[nn.Unflatten] = Rule(analyse=None, linear=True, alias=True)
+_register(METHOD_RULES, ("view_as", "reshape_as", "expand_as", "narrow", "t", "unbind", "as_strided", "movedim",
+                         "moveaxis", "select", "diagonal", "unfold", "real", "imag", "view_as_real", "type", "cpu",
+                         "cuda", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "T", "mT"),
+          Rule(analyse=None, alias=True))
+_register(FUNCTION_RULES, (torch.narrow, torch.unbind, torch.movedim, torch.moveaxis, torch.select, torch.detach,
+                           torch.t, torch.as_strided, torch.diagonal, torch.tensor_split), Rule(analyse=None, alias=True))
+_register(FUNCTION_RULES, (F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout),
+          Rule(analyse=None, linear=True, alias=True, random=True))
+
+
+# --------------------------------------------------------------------------- public rule constructors
+def elementwise(*, nonlinear: bool = True, linear: bool = False) -> Rule:
+    """The rule of an op that acts on each element (or each channel) alone and keeps the input's
+    shape: an activation (`nonlinear=True`, the default), or a linear elementwise map (`linear=True`).
+    Its channels are its input's channels; it has no parameters of its own to slice."""
+    return Rule(analyse=_same, nonlinear=nonlinear and not linear, linear=linear)
+
+
+def channelwise_module(size: str, params=("weight", "bias"), *, dim: int = 1, linear: bool = False,
+                       nonlinear: bool = False) -> Rule:
+    """The rule of a module with one entry per channel of its input along `dim` (dim 1: N, C, ...)
+    in each of `params` (their dim 0), whose channel count is its attribute `size`; the output keeps
+    the input's shape and channels. Shrinking slices those parameters/buffers and sets `size`."""
+    params = tuple(params)
+
+    def analyse(ctx):
+        x = ctx.arg(0, "input")
+        ndim = len(ctx.shape_of(x))
+        cdim = _nd(dim, ndim)
+        ctx.space.union(along(ctx, x, cdim), ctx.axis("ch", getattr(ctx.module, size)))
+        return ctx.normalize(ctx.layout_of(x).ids, cdim)
+
+    def resize(m, sizes):
+        setattr(m, size, sizes["ch"])
+
+    return Rule(analyse=analyse, resize=resize, linear=linear, nonlinear=nonlinear,
+                params=lambda m: {p: {0: "ch"} for p in params if getattr(m, p, None) is not None})

@@ -736,3 +736,116 @@ def test_view_sizes_read_from_other_tensors():
         x5 = torch.randn(5, 3, 8, 8)
         assert rel_err(shrunk(x5), gm(x5)) <= 1e-5
     check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ op facts
+from vpsurgery.passes import rules as _rules  # noqa: E402
+
+
+def _facts_of(model, x):
+    gm = torch.fx.symbolic_trace(model)
+    modules = dict(gm.named_modules())
+    return {n.name: _rules.facts(n, modules) for n in gm.graph.nodes}
+
+
+class FactsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.convt, self.lin = nn.Conv2d(3, 3, 1), nn.ConvTranspose2d(3, 3, 1), nn.Linear(3, 3)
+        self.bn, self.drop, self.act = nn.BatchNorm2d(3), nn.Dropout(), nn.Softsign()
+        self.avg, self.mx, self.attn = nn.AvgPool2d(1), nn.MaxPool2d(1), nn.MultiheadAttention(3, 1)
+
+    def forward(self, x):
+        y = self.mx(self.avg(self.act(self.drop(self.bn(self.convt(self.conv(x)))))))
+        y = torch.nn.functional.avg_pool2d(y, 1) + torch.cumsum(y, 1)
+        return self.lin(y.permute(0, 2, 3, 1).contiguous().view(-1, 3))
+
+
+def test_one_table_of_op_facts():
+    f = _facts_of(FactsNet(), X)
+    assert f["conv"].layer == f["convt"].layer == f["lin"].layer == 1
+    assert _rules.MODULE_RULES[nn.MultiheadAttention].layer == 2
+    assert all(f[n].linear for n in ("conv", "convt", "lin", "bn", "drop", "avg", "avg_pool2d", "permute",
+                                     "contiguous", "view"))
+    assert not f["mx"].linear and f["mx"].nonlinear and f["act"].nonlinear and not f["act"].linear
+    assert f["drop"].alias and f["drop"].random  # identity (itself) in eval: an alias, but never replayed
+    assert f["view"].alias and f["permute"].alias and not f["conv"].alias and not f["add"].alias
+    # an op the table does not know: nonlinear, not linear, no layer; a torch op does not alias
+    # (every torch view op is listed), a user's may
+    assert f["cumsum"].nonlinear and not f["cumsum"].linear and f["cumsum"].layer == 0 and not f["cumsum"].alias
+    assert _rules.UNKNOWN.alias and _rules.UNKNOWN.nonlinear and not _rules.UNKNOWN.linear
+    assert _rules.lookup is not None and _rules.MODULE_RULES[nn.MultiheadAttention].analyse is None
+
+
+def test_subclass_keeps_its_base_layer_count_only():
+    class MyConv(nn.Conv2d):
+        pass
+
+    from vpsurgery.passes.capture.trace import trace
+    gm = trace(nn.Sequential(MyConv(3, 3, 1)), (X,), leaf_modules=(MyConv,))
+    modules = dict(gm.named_modules())
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert _rules.facts(node, modules).layer == 1 and _rules.lookup(node, modules) is None
+    assert not _rules.facts(node, modules).linear and _rules.facts(node, modules).alias
+
+
+# ------------------------------------------------------------------------------------------ user rules
+class MyAct(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.5 * x)
+
+
+class MyScale(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class UserOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.act, self.s, self.c2 = nn.Conv2d(3, 8, 3, padding=1), MyAct(), MyScale(8), nn.Conv2d(8, 4, 1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        return self.head(self.c2(self.s(self.act(self.c1(x)))))
+
+
+@pytest.fixture
+def user_rules():
+    yield
+    for op in (MyAct, MyScale):
+        _rules.MODULE_RULES.pop(op, None)
+
+
+def test_register_rule_makes_a_user_op_prunable(user_rules):
+    leaf = (MyAct, MyScale)
+    before = vpsurgery.plan(vpsurgery.wrap(realistic_stats(UserOps()).eval(), (X,), leaf_modules=leaf))
+    assert not [g for g in before.groups.values() if "c1" in g.producers]
+    assert any("MyAct" in u.reason and "c1" in u.producers for u in before.unprunable), before.unprunable
+
+    vpsurgery.register_rule(MyAct, vpsurgery.rules.elementwise())
+    vpsurgery.register_rule(MyScale, vpsurgery.rules.channelwise_module("channels", params=("scale",)))
+    torch.manual_seed(0)
+    model = realistic_stats(UserOps()).eval()
+    gm = vpsurgery.wrap(model, (X,), leaf_modules=leaf)
+    assert len(group_of(gm, "c1").units) == 8
+    with torch.no_grad():
+        assert rel_err(gm.eval()(X), model(X)) <= 1e-6
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=3)
+    small = vpsurgery.shrink(gm)
+    assert small.s.channels == small.s.scale.numel() == small.c1.out_channels < 8
+
+
+def test_register_rule_refuses_what_it_cannot_register():
+    with pytest.raises(TypeError):
+        vpsurgery.register_rule(MyAct, "elementwise")
+    with pytest.raises(TypeError):
+        vpsurgery.register_rule(int, vpsurgery.rules.elementwise())
+    with pytest.raises(TypeError):
+        vpsurgery.register_rule(3, vpsurgery.rules.elementwise())

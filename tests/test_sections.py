@@ -172,3 +172,58 @@ def test_kept_map_replays_onto_original_weights():
         assert torch.allclose(replayed(x), small(x), atol=1e-5)
     with pytest.raises(ValueError, match="does not fit this model"):
         vpsurgery.replay(_tv("resnet34"), kept)
+
+
+# ------------------------------------------------------------- op facts where the old tables disagreed
+class _PoolShortcut(torch.nn.Module):
+    """A 1-D block whose shortcut is functional average pooling (linear per the one rule table; the
+    old sections table knew only F.avg_pool2d / F.adaptive_avg_pool2d among the calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(8, 8, 3, stride=2, padding=1)
+        self.head = torch.nn.Conv1d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.head(x)
+        return torch.nn.functional.avg_pool1d(x, 2, ceil_mode=True) + torch.relu(self.conv(x))
+
+
+def test_functional_avg_pool1d_shortcut_is_linear():
+    x = torch.randn(2, 8, 16)
+    gm = vpsurgery.wrap(_PoolShortcut().eval(), (x,))
+    (section,) = vpsurgery.plan(gm).sections.values()
+    assert section.modules == ["conv"] and section.depth == 1
+    vpsurgery.gates(gm)[section.name].set(0.0)
+    small = vpsurgery.shrink(gm).eval()
+    with torch.no_grad():
+        assert torch.allclose(small(x), gm.eval()(x), atol=1e-6)
+    assert network_depth(small) == 1
+
+
+class _MaxPoolShortcut(_PoolShortcut):
+    def forward(self, x):
+        x = self.head(x)
+        return torch.nn.functional.max_pool1d(x, 2, ceil_mode=True) + torch.relu(self.conv(x))
+
+
+def test_max_pool_shortcut_is_not_linear():
+    gm = vpsurgery.wrap(_MaxPoolShortcut().eval(), (torch.randn(2, 8, 16),))
+    assert not vpsurgery.plan(gm).sections
+
+
+class _SoftsignPlain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.softsign(self.a(x)))
+
+
+def test_add_residuals_knows_every_activation_of_the_table():
+    """F.softsign (and Softsign, Tanhshrink, LogSigmoid, the shrinks, Threshold, exp/abs/clamp/...)
+    are activations of the rule table; the old nonlinearity list did not have them, so no shortcut
+    was added around such a layer."""
+    gm = vpsurgery.wrap(_SoftsignPlain().eval(), (torch.randn(1, 4, 6, 6),), add_residuals=True)
+    assert len(vpsurgery.plan(gm).sections) == 1

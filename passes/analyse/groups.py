@@ -12,6 +12,7 @@ from ..channels import ChannelSpace, Layout
 from ..capture.trace import is_tensor_meta, tensor_meta
 from ..plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
 from ..rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
+from .cost import call_macs
 
 MAX_PARAM_IDS = 1 << 21  # a parameter combined elementwise gets one id per element; cap the cost
 
@@ -405,13 +406,9 @@ def _unit_costs(gm, modules, module_axes, node_axes):
         if node.op != "call_module" or node.target not in module_axes:
             continue
         m = modules[node.target]
-        w = getattr(m, "weight", None)
-        if w is None or not isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+        total = call_macs(node, modules)  # MACs of this call, per example
+        if total is None:
             continue
-        out_meta = node.meta["tensor_meta"]
-        batch = out_meta.shape[0] if len(out_meta.shape) > 1 else 1
-        out_positions = out_meta.shape.numel() // max(batch, 1)
-        total = out_positions * w[0].numel()  # MACs of this call, per example
         for axis_name in ("in", "out"):
             ax = module_axes[node.target].get(axis_name)
             if ax is None or (axis_name == "in" and getattr(m, "groups", 1) > 1):

@@ -9,21 +9,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..capture.trace import tensor_meta
-from ..rules import _same, lookup
+from ..rules import _same, facts, lookup
 from ..plan import Section, Unprunable
+from .cost import call_macs
 
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
-
-# Ops that are linear (affine) maps: a path made only of these is a "linear residual connection".
-_LINEAR_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
-                   nn.BatchNorm3d, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten)
-_LINEAR_CALLS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
-                 "unsqueeze", torch.flatten, torch.permute, torch.transpose, torch.reshape,
-                 torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d}
 
 
 def graph_of(gm: fx.GraphModule) -> nx.DiGraph:
@@ -36,25 +28,18 @@ def graph_of(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def is_linear(node: fx.Node, modules) -> bool:
-    if node.op == "get_attr":
-        return True
-    if node.op == "call_module":
-        return type(modules[node.target]) in _LINEAR_MODULES
-    if node.op in ("call_function", "call_method"):
-        return node.target in _LINEAR_CALLS
-    return False
-
-
-def is_layer(node: fx.Node, modules) -> bool:
-    return node.op == "call_module" and isinstance(
-        modules[node.target], (nn.modules.conv._ConvNd, nn.Linear))
+    """An affine map (rules' `linear` fact): a path made only of these is a linear residual connection."""
+    return facts(node, modules).linear
 
 
 def layer_count(node: fx.Node, modules) -> int:
-    """Sequential weight layers in one node (attention: the input and output projections)."""
-    if node.op == "call_module" and isinstance(modules[node.target], nn.MultiheadAttention):
-        return 2
-    return 1 if is_layer(node, modules) else 0
+    """Sequential weight layers in one node (rules' `layer` fact; attention: its two projections)."""
+    return facts(node, modules).layer
+
+
+def is_layer(node: fx.Node, modules) -> bool:
+    """A conv/linear layer: one weight layer (attention, with two, is not one)."""
+    return layer_count(node, modules) == 1
 
 
 def find_sections(gm: fx.GraphModule) -> tuple[dict[str, Section], list[Unprunable]]:
@@ -99,12 +84,7 @@ def _section(gm, modules, graph, add, branch_arg, nodes) -> Section:
         n.target for n in gm.graph.nodes if n.op == "get_attr" and n not in nodes}  # e.g. layer scale
     params = sum(p.numel() for m in own for p in modules[m].parameters()) + sum(
         _attr(gm, t).numel() for t in attrs if isinstance(_attr(gm, t), nn.Parameter))
-    macs = 0
-    for n in nodes:
-        if is_layer(n, modules):
-            w = modules[n.target].weight
-            shape = tensor_meta(n).shape
-            macs += (shape.numel() // max(shape[0], 1)) * w[0].numel() if len(shape) > 1 else w.numel()
+    macs = sum(call_macs(n, modules) or 0 for n in nodes)
     sub = graph.subgraph(nodes)
     depth = _layer_depth(sub, modules)
     return Section(f"sec_{add.name}", add.name, branch_arg, [n.name for n in names], own, params, int(macs), depth)
@@ -140,17 +120,8 @@ def _is_unary_tail(node: fx.Node, modules) -> bool:
     return node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm)
 
 
-_NONLINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-              nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.PReLU)
-_NONLINEAR_CALLS = {F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.leaky_relu, F.hardswish,
-                    F.hardsigmoid, F.hardtanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid,
-                    F.tanh, "relu", "sigmoid", "tanh", "relu_"}
-
-
 def _is_nonlinear(node: fx.Node, modules) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _NONLINEAR)
-    return node.target in _NONLINEAR_CALLS
+    return facts(node, modules).nonlinear
 
 
 def add_residuals(gm: fx.GraphModule) -> list[str]:

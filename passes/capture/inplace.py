@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
+from ..rules import UNKNOWN, facts
 from .trace import is_tensor_meta, tensor_meta
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -29,20 +29,6 @@ _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, 
                       operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
                       operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
 _MUTATING_FUNCTIONS = set(_INPLACE_OPERATORS) | {operator.setitem}
-VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
-                "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "contiguous", "t", "detach", "split",
-                "chunk", "unbind", "as_strided", "movedim", "moveaxis", "swapaxes", "select", "diagonal",
-                "unfold", "real", "imag", "view_as_real", "type_as", "to", "float", "double", "half",
-                "bfloat16", "type", "cpu", "cuda", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "T", "mT"}
-VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                  torch.unsqueeze, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
-                  torch.moveaxis, torch.swapaxes, torch.select, torch.detach, torch.t, torch.as_strided,
-                  torch.diagonal, torch.unflatten, torch.tensor_split, F.dropout, F.dropout1d, F.dropout2d,
-                  F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
-                  torch.feature_dropout, torchvision.ops.stochastic_depth}
-# modules whose output may be their input itself (identity, dropout and stochastic depth in eval)
-VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                nn.AlphaDropout, nn.FeatureAlphaDropout, torchvision.ops.StochasticDepth)
 _NOT_OUT_OF_PLACE = {"resize_", "resize_as_"}  # Tensor.resize is not resize_ without the write
 
 
@@ -78,16 +64,13 @@ def is_inplace(node: fx.Node, modules) -> bool:
 
 
 def may_alias(node: fx.Node, modules) -> bool:
-    """May this node's result share memory with one of its inputs?"""
+    """May this node's result share memory with its first input? (in-place, or the rules' `alias`
+    fact: views, casts that may return their input, dropout, ops the table does not know)"""
     if is_inplace(node, modules):
         return True
-    if node.op == "call_method":
-        return node.target in VIEW_METHODS
-    if node.op == "call_function":
-        return node.target in VIEW_FUNCTIONS
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), VIEW_MODULES)
-    return False
+    if node.op not in ("call_method", "call_function", "call_module"):
+        return False
+    return facts(node, modules).alias
 
 
 def _out_of_place_function(f):
@@ -115,11 +98,11 @@ class _Aliases:
 
     def parents(self, node):
         """The inputs this node's result may be (a view of)."""
+        if node.op == "call_module" and not _torch_module(self.modules[node.target]):
+            return [a for a in node.all_input_nodes if _is_tensor(a)]  # a user's leaf: it may return its input
         if may_alias(node, self.modules):
             first = node.args[0] if node.args else None
             return [first] if isinstance(first, fx.Node) else []
-        if node.op == "call_module" and not _torch_module(self.modules[node.target]):
-            return [a for a in node.all_input_nodes if _is_tensor(a)]  # a user's leaf: it may return its input
         return []
 
     def children(self, node):
@@ -215,16 +198,13 @@ def make_out_of_place(gm: fx.GraphModule) -> int:
     return changed
 
 
-_STOCHASTIC = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-               torch.dropout, torch.alpha_dropout, torch.feature_dropout, torchvision.ops.stochastic_depth}
-
-
 def _replayable(node, modules) -> bool:
-    """A view op that can be applied again to the new tensor (same result as on the old one)."""
-    if is_inplace(node, modules):
+    """A view op (a call the rules know as an alias, not random) that can be applied again to the
+    new tensor with the same result as on the old one."""
+    if is_inplace(node, modules) or node.op not in ("call_method", "call_function"):
         return False
-    return (node.op == "call_method" and node.target in VIEW_METHODS) or (
-        node.op == "call_function" and node.target in VIEW_FUNCTIONS and node.target not in _STOCHASTIC)
+    f = facts(node, modules)
+    return f.alias and not f.random and f is not UNKNOWN
 
 
 def _followable(node, target, aliases) -> list[fx.Node] | None:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from vpsurgery.config import PER, PRIORS, default
 from vpsurgery.passes.gate.insert import GATES
 from vpsurgery.passes.rules import MODULE_RULES
+from vpsurgery.passes.analyse import cost as _cost
 from vpsurgery.passes.attach import plan_of
 
 _CACHE_KEY = "vpsurgery.objective_index"
@@ -67,18 +68,9 @@ def _slots(gm: fx.GraphModule) -> tuple[dict[int, int], dict[str, int]]:
 
 
 def macs_per_weight_entry(gm: fx.GraphModule) -> dict[str, float]:
-    """MACs per example per weight entry of each conv/linear module, summed over its calls."""
-    out: dict[str, float] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or "tensor_meta" not in node.meta:
-            continue
-        m = gm.get_submodule(node.target)
-        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
-        shape = node.meta["tensor_meta"].shape
-        batch = shape[0] if len(shape) > 1 else 1
-        out[node.target] = out.get(node.target, 0.0) + shape.numel() / max(batch, 1) / m.weight.shape[0]
-    return out
+    """MACs per example per weight entry of each conv/linear module, summed over its calls (the
+    one cost model, vpsurgery.passes.analyse.cost)."""
+    return _cost.macs_per_weight_entry(gm)
 
 
 def _build_index(gm: fx.GraphModule) -> list[_Entry]:
