@@ -86,6 +86,7 @@ class Plan:
     per_example: bool = True  # dim 0 is the batch wherever a gate acts: gates sample per example
     removed_units: set[int] = field(default_factory=set)
     removed_sections: set[str] = field(default_factory=set)
+    kept_anyway: frozenset[int] = frozenset()  # decided off, kept so no tensor went empty (weights read 0)
 
     @cached_property
     def _unit_group(self) -> dict[int, tuple[str, int]]:

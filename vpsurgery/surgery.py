@@ -14,6 +14,7 @@ from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate
 from vpsurgery.passes.gate.insert import GATES, insert_gates
 from vpsurgery.passes.gate.modules import ChannelMask, Gate
 from vpsurgery.passes.plan import Plan
+from vpsurgery.passes.shrink import Decision, shrink_to
 from vpsurgery.passes.shrink import shrink as _shrink
 
 
@@ -86,8 +87,7 @@ def replay(model: torch.nn.Module, kept: dict, example_inputs=None, **wrap_kwarg
     if example_inputs is None:
         example_inputs = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in kept["example"])
     gated = wrap(model, example_inputs, **wrap_kwargs)
-    small = _shrink(gated, keep_gates=False, removed_units=set(kept["removed_units"]),
-                    removed_sections=set(kept["removed_sections"]))
+    small = shrink_to(gated, Decision(frozenset(kept["removed_units"]), frozenset(kept["removed_sections"]))).model
     got = kept_map(small)["modules"]
     clashes = [m for m, axes in kept["modules"].items() if got.get(m) != axes]
     if clashes:

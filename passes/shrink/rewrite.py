@@ -9,7 +9,7 @@ training). The result is re-shape-propagated and every node checked against the 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import numbers
 import operator
 
@@ -34,14 +34,54 @@ class ShrinkError(RuntimeError):
     """The shrunk graph disagrees with the plan: a bug in a channel rule, never silently ignored."""
 
 
-def decide(gm: fx.GraphModule, plan: Plan, threshold: float) -> tuple[set[int], set[str]]:
-    gates = getattr(gm, GATES)
-    removed_sections = {n for n in plan.sections if n in gates and float(gates[n].theta.detach()) < threshold}
-    removed_units = set()
-    for g in plan.groups.values():
-        theta = gates[g.name].theta.detach().cpu().numpy()
-        removed_units |= {u for u, t in zip(g.units, theta) if t < threshold}
-    return removed_units, removed_sections
+@dataclass(frozen=True)
+class Decision:
+    """What a shrink removes: unit ids and section names (explicit, so that a trainer decides by
+    its own rule and shrink never guesses)."""
+
+    units: frozenset[int] = frozenset()
+    sections: frozenset[str] = frozenset()
+
+    @classmethod
+    def below(cls, gated: fx.GraphModule, threshold: float, *, inclusive: bool = False,
+              new_only: bool = False) -> "Decision":
+        """Every structure whose theta is below `threshold` (at or below, with inclusive=True).
+        new_only: leave out the units an earlier shrink already had to keep so that no tensor went
+        empty (a trainer checking often would otherwise shrink for nothing each time)."""
+        plan, gates = plan_of(gated), getattr(gated, GATES, {})
+        off = (lambda t: t <= threshold) if inclusive else (lambda t: t < threshold)
+        sections = {n for n in plan.sections if n in gates and off(float(gates[n].theta.detach()))}
+        units = set()
+        for g in plan.groups.values():
+            if g.name in gates:
+                units |= {int(u) for u, t in zip(g.units, gates[g.name].theta.detach().cpu().tolist()) if off(t)}
+        return cls(frozenset(units - plan.kept_anyway if new_only else units), frozenset(sections))
+
+    def __bool__(self) -> bool:
+        return bool(self.units or self.sections)
+
+
+@dataclass
+class ShrinkResult:
+    model: fx.GraphModule  # the smaller graph; its plan is `plan`
+    plan: Plan
+    slices: dict[str, dict[int, torch.Tensor]]  # parameter name -> {dim: kept indices}, for optimizer state
+    kept_anyway: frozenset[int]  # decided units kept so that no tensor is empty (their weights read 0)
+
+
+def shrink_to(gated: fx.GraphModule, decision: Decision, *, keep_gates: bool = False) -> ShrinkResult:
+    """Remove exactly what `decision` says. The gated model is not modified."""
+    plan = plan_of(gated)
+    stage = ["copying the gated model"]
+    try:
+        gm = _shrink(gated, plan, keep_gates, set(decision.units), set(decision.sections), stage)
+    except ShrinkError:
+        raise
+    except Exception as e:
+        raise _internal(e, stage[0]) from e
+    slices = gm.meta.pop(SLICES_KEY)
+    new_plan = plan_of(gm)
+    return ShrinkResult(gm, new_plan, slices, new_plan.kept_anyway - plan.kept_anyway)
 
 
 def check_threshold(threshold) -> float:
@@ -52,23 +92,19 @@ def check_threshold(threshold) -> float:
 
 
 def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False,
-           removed_units: set[int] | None = None, removed_sections: set[str] | None = None) -> fx.GraphModule:
-    threshold = check_threshold(threshold)
-    plan = plan_of(gated)
-    stage = ["copying the gated model"]
-    try:
-        return _shrink(gated, plan, threshold, keep_gates, removed_units, removed_sections, stage)
-    except ShrinkError:
-        raise
-    except Exception as e:
-        raise _internal(e, stage[0]) from e
+           removed_units=None, removed_sections=None) -> fx.GraphModule:
+    """The smaller graph without the structures whose theta < threshold (a number in (0, 1])."""
+    if removed_units is not None:  # TRANSITION: old explicit form, until the Pruner calls shrink_to
+        result = shrink_to(gated, Decision(frozenset(removed_units), frozenset(removed_sections or ())),
+                           keep_gates=keep_gates)
+        result.model.meta[SLICES_KEY] = result.slices
+        return result.model
+    return shrink_to(gated, Decision.below(gated, check_threshold(threshold)), keep_gates=keep_gates).model
 
 
-def _shrink(gated, plan, threshold, keep_gates, removed_units, removed_sections, stage):
+def _shrink(gated, plan, keep_gates, removed_units, removed_sections, stage):
     gm = copy.deepcopy(gated)
-    gm.meta[SLICES_KEY] = {}
-    if removed_units is None or removed_sections is None:
-        removed_units, removed_sections = decide(gm, plan, threshold)
+    gm.meta[SLICES_KEY] = {}  # filled by the slicing steps, returned in the ShrinkResult
     removed_sections = set(removed_sections) & set(plan.sections)  # earlier shrinks removed the rest
     theta = _unit_theta(gm, plan)
 
@@ -109,7 +145,8 @@ def _shrink(gated, plan, threshold, keep_gates, removed_units, removed_sections,
                            groups={k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})})
     stage[0] = "checking the shrunk graph's shapes"
     _check_shapes(gm, plan, removed_units)
-    set_plan(gm, replace(new_plan, depth=network_depth(gm)))
+    set_plan(gm, replace(new_plan, depth=network_depth(gm),
+                         kept_anyway=frozenset(plan.kept_anyway | (decided - removed_units))))
     return gm
 
 
