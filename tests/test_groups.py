@@ -256,3 +256,24 @@ def test_model_input_channels_never_gated():
     assert [g.producers for g in plan.groups.values()] == [["0"], ["2"]]
     owner = plan.unit_group()
     assert all(int(u) not in owner for u in plan.module_axes["0"]["in"].units)
+
+
+def test_exclude_pins_modules_by_name_and_type_and_reports_them():
+    import torchvision
+    x = torch.randn(2, 3, 32, 32)
+    model = torchvision.models.resnet18(num_classes=10)
+    free = vpsurgery.plan(vpsurgery.wrap(model, x))
+    gm = vpsurgery.wrap(model, x, exclude=["layer1.0", torch.nn.Linear])
+    p = vpsurgery.plan(gm)
+    pinned = {m for u in p.unprunable if "exclude" in u.reason for m in u.producers + u.where}
+    assert "layer1.0.conv1" in pinned
+    assert all(not set(g.producers) & {"layer1.0.conv1", "layer1.0.conv2"} for g in p.groups.values())
+    assert "sec_add" in free.sections and "sec_add" not in p.sections  # layer1.0's block stays
+    assert "excluded by wrap(exclude=...)" in vpsurgery.report(gm)
+    for gate in vpsurgery.gates(gm).values():  # everything else still prunes exactly
+        gate.set((torch.rand(gate.theta.shape) > 0.4).float())
+    small = vpsurgery.shrink(gm)
+    assert small.get_submodule("layer1.0.conv1").weight.shape == model.layer1[0].conv1.weight.shape
+    assert small.get_submodule("fc").weight.shape[1] == 512
+    with pytest.raises(ValueError, match="no module named 'layer9'"):
+        vpsurgery.wrap(model, x, exclude=["layer9"])

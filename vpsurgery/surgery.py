@@ -20,7 +20,7 @@ from vpsurgery.passes.shrink import shrink as _shrink
 
 def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
          add_residuals: bool = False, theta_init: float = 1.0, leaf_modules=(),
-         concrete_args=None) -> fx.GraphModule:
+         concrete_args=None, exclude=()) -> fx.GraphModule:
     """Trace `model` (a copy; the model is not modified), find its prunable channel groups and
     residual sections, and return a GraphModule with one Bernoulli gate per group/section.
 
@@ -28,6 +28,10 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     unless `add_residuals=True`, which puts an identity shortcut around every shape-preserving
     layer of a plain network (x -> x + f(x)) so that layers can be pruned: a different network,
     to be trained.
+
+    `exclude`: modules, by qualified name (a parent's name covers its children) or by class, to keep
+    as they are (Torch-Pruning's ignored_layers): their channels are pinned, a residual section that
+    holds one is not removable, and the report lists them.
     """
     _refuse_wrapped(model)
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
@@ -39,7 +43,8 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
                       f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "
                       f"the model is unchanged", stacklevel=2)
-    plan = analyse(gm, example_inputs, channels=channels, sections=sections, original_depth=original_depth)
+    plan = analyse(gm, example_inputs, channels=channels, sections=sections, original_depth=original_depth,
+                   exclude=exclude)
     insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm

@@ -12,14 +12,16 @@ from .sections import find_sections, network_depth
 
 
 def analyse(gm: fx.GraphModule, example_inputs, *, channels: bool = True, sections: bool = True,
-            original_depth: int | None = None) -> Plan:
+            original_depth: int | None = None, exclude=()) -> Plan:
     """Channel groups (when `channels`), residual sections (when `sections`), what is unprunable and
     why, the depth, and whether gates can sample per example. `gm` must carry shapes for
     `example_inputs` (capture.trace); `original_depth` is the depth before any graph rewrite that
-    changed it (add_residuals)."""
+    changed it (add_residuals). `exclude`: modules (qualified names or classes) that keep every
+    channel and are never removed with a section."""
+    excluded = excluded_modules(gm, exclude)
     example = [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
-    plan = analyse_channels(gm, example) if channels else Plan({}, {}, {}, {}, {}, {}, [], example)
-    found, skipped = find_sections(gm) if sections else ({}, [])
+    plan = analyse_channels(gm, example, excluded) if channels else Plan({}, {}, {}, {}, {}, {}, [], example)
+    found, skipped = find_sections(gm, excluded) if sections else ({}, [])
     depth = network_depth(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     acted_on = [nodes[s.node].args[s.arg] for s in plan.sites.values()] + [
@@ -29,4 +31,26 @@ def analyse(gm: fx.GraphModule, example_inputs, *, channels: bool = True, sectio
                    per_example=batch_leads(gm, acted_on, example_inputs))
 
 
-__all__ = ["analyse", "network_depth"]
+def excluded_modules(gm: fx.GraphModule, exclude) -> frozenset[str]:
+    """The qualified names of the called modules that `exclude` names, by name or by class."""
+    if isinstance(exclude, (str, type)):
+        exclude = [exclude]
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    modules = dict(gm.named_modules())
+    out = set()
+    for item in exclude:
+        if isinstance(item, type):
+            out |= {name for name in called if isinstance(modules[name], item)}
+        elif isinstance(item, str):
+            if item not in modules:
+                near = sorted(n for n in called if item.split(".")[-1] in n)[:5]
+                raise ValueError(f"exclude: the model has no module named {item!r}"
+                                 + (f"; did you mean {', '.join(near)}?" if near else
+                                    "; use the names of model.named_modules()"))
+            out |= {name for name in called if name == item or name.startswith(item + ".")}
+        else:
+            raise TypeError(f"exclude takes module names (str) or module classes, got {item!r}")
+    return frozenset(out)
+
+
+__all__ = ["analyse", "excluded_modules", "network_depth"]

@@ -257,13 +257,18 @@ def _couple_tied_parameters(w: ChannelWalker) -> None:
 
 
 # ------------------------------------------------------------------------------ reading off the plan
-def analyse_channels(gm: fx.GraphModule, example: list) -> Plan:
-    """Run the channel walk over a shape-propagated GraphModule and return its Plan."""
+def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] = frozenset()) -> Plan:
+    """Run the channel walk over a shape-propagated GraphModule and return its Plan. Modules named
+    in `exclude` keep every channel they read or write (the user asked that they stay as they are)."""
     w = ChannelWalker(gm)
     w.run()
     _pin_channel_counts(w)
     _couple_tied_parameters(w)
     space = w.space
+    for (module, _axis), ids in w.module_ids.items():
+        if module in exclude:
+            space.pin(ids, "excluded by wrap(exclude=...)")
+            w.pin_sites.setdefault("excluded by wrap(exclude=...)", set()).add(module)
 
     # A parameter whose channels ended up on more than one dim cannot be sliced to a rectangle.
     for target, ids in w.param_ids.items():

@@ -42,7 +42,9 @@ def is_layer(node: fx.Node, modules) -> bool:
     return layer_count(node, modules) == 1
 
 
-def find_sections(gm: fx.GraphModule) -> tuple[dict[str, Section], list[Unprunable]]:
+def find_sections(gm: fx.GraphModule, exclude: frozenset[str] = frozenset()
+                  ) -> tuple[dict[str, Section], list[Unprunable]]:
+    """Residual sections, except those whose branch holds a module named in `exclude`."""
     modules = dict(gm.named_modules())
     graph = graph_of(gm)
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -70,7 +72,11 @@ def find_sections(gm: fx.GraphModule) -> tuple[dict[str, Section], list[Unprunab
                 u not in nodes and u is not add and u in live for n in nodes for u in n.users):
             skipped.setdefault("residual branch is also used outside the section", []).append(add.name)
             continue
-        sections[f"sec_{add.name}"] = _section(gm, modules, graph, add, branch_arg, nodes)
+        section = _section(gm, modules, graph, add, branch_arg, nodes)
+        if exclude & set(section.modules):
+            skipped.setdefault("residual branch holds a module excluded by wrap(exclude=...)", []).append(add.name)
+            continue
+        sections[section.name] = section
     return sections, [Unprunable(reason, names, []) for reason, names in skipped.items()]
 
 
