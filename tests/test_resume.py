@@ -59,11 +59,11 @@ def gated_cnn():
 
 
 STEPS = 8  # per epoch: 512 examples, batch 64
-# Measured with seed 2: a unit goes in epoch 1, more units and both residual sections in epoch 2,
-# more units at hardening (epoch 3 of 4); so resuming replays in-epoch shrinks, a smaller model and
-# the hardened phase.
+# Measured with seed 4: a unit and a residual section go in epoch 1, a unit and the other section in
+# epoch 2, more units at hardening (epoch 3 of 4); so resuming replays in-epoch shrinks, a smaller
+# model and the hardened phase.
 FIT = {"epochs": 4, "optimizer": "adam", "lr": 0.03, "price": 0.001, "theta_lr": 0.15, "prune_every": 3,
-       "harden": 0.5, "seed": 2, "device": "cpu", "progress": False}
+       "harden": 0.5, "seed": 4, "device": "cpu", "progress": False}
 
 
 @pytest.fixture(scope="module")
