@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import vpsurgery
-from vpsurgery.passes.shrink import SLICES_KEY
 from vpsurgery.train import CHECKPOINT, NonFiniteInput, Pruner, TrainingDiverged, fit
 
 TEACHER_WIDTH = 4
@@ -89,7 +88,7 @@ def test_shrinking_mid_training_keeps_the_deterministic_network_and_slices_momen
     assert eval_loss(model, data) == pytest.approx(before, rel=1e-6, abs=1e-7)
     kept = torch.tensor([i for i in range(32) if i not in off])
     new = dict(model.named_parameters())
-    assert model.meta[SLICES_KEY]["0.weight"][0].tolist() == kept.tolist()
+    assert pruner.last_shrink.slices["0.weight"][0].tolist() == kept.tolist()
     assert torch.equal(opt.state[new["0.weight"]]["momentum_buffer"], old_momentum["0.weight"][kept])
     assert torch.equal(opt.state[new["2.weight"]]["momentum_buffer"], old_momentum["2.weight"][:, kept])
     assert torch.equal(opt.state[new["2.bias"]]["momentum_buffer"], old_momentum["2.bias"])

@@ -1,4 +1,4 @@
 """Shrink: remove what the gates switched off, for real (smaller tensors, fewer layers)."""
-from .rewrite import SLICES_KEY, Decision, ShrinkError, ShrinkResult, shrink, shrink_to, slice_module
+from .rewrite import Decision, ShrinkError, ShrinkResult, shrink, shrink_to, slice_module
 
-__all__ = ["SLICES_KEY", "Decision", "ShrinkError", "ShrinkResult", "shrink", "shrink_to", "slice_module"]
+__all__ = ["Decision", "ShrinkError", "ShrinkResult", "shrink", "shrink_to", "slice_module"]

@@ -27,7 +27,7 @@ from ..analyse.sections import network_depth
 from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
 from ..capture.trace import NodeFailure, propagate_shapes
 
-SLICES_KEY = "vpsurgery.slices"  # qualified parameter name -> {dim: kept indices}, for optimizer state
+SLICES_KEY = "vpsurgery.slices"  # scratch while shrinking: parameter name -> {dim: kept indices}; returned in ShrinkResult
 
 
 class ShrinkError(RuntimeError):
@@ -91,14 +91,8 @@ def check_threshold(threshold) -> float:
     return float(threshold)
 
 
-def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False,
-           removed_units=None, removed_sections=None) -> fx.GraphModule:
+def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False) -> fx.GraphModule:
     """The smaller graph without the structures whose theta < threshold (a number in (0, 1])."""
-    if removed_units is not None:  # TRANSITION: old explicit form, until the Pruner calls shrink_to
-        result = shrink_to(gated, Decision(frozenset(removed_units), frozenset(removed_sections or ())),
-                           keep_gates=keep_gates)
-        result.model.meta[SLICES_KEY] = result.slices
-        return result.model
     return shrink_to(gated, Decision.below(gated, check_threshold(threshold)), keep_gates=keep_gates).model
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,8 @@ from vpsurgery.train.objective import expected_cost, flat_theta, objective_and_c
 # The two things training needs from shrink beyond the public surgery API: removing an explicit set
 # of structures (the Pruner's decision, not shrink's threshold rule) and how each parameter was sliced
 # (to slice optimizer state the same way).
-from vpsurgery.passes.shrink import SLICES_KEY
-from vpsurgery.passes.shrink import shrink as shrink_structures
+from vpsurgery.passes.attach import set_plan
+from vpsurgery.passes.shrink import Decision, ShrinkResult, shrink_to
 
 # theta within this distance of 0 or 1 counts as "at" that end (history, decided_before_hardening)
 AT_END = 0.01
@@ -67,7 +67,6 @@ class PrunerState:
     hard: bool = False  # theta rounded and frozen
     decided_before_hardening: float | None = None  # share of theta at 0 or 1 when hardening started
     share_before_hardening: float | None = None  # expected cost share just before the rounding
-    kept_anyway: set[int] = field(default_factory=set)  # decided units a shrink kept so no tensor goes empty
     dense_cost: float = 0.0  # cost (per `per`) of the model the Pruner was made with, every theta at 1
     price: float = 0.0  # the price in use (controlled when a target is set)
     share: float = 1.0  # expected cost share at the last step
@@ -100,6 +99,7 @@ class Pruner:
         self.config = config
         self.steps_per_epoch = steps_per_epoch
         self.model = gated
+        self.last_shrink: ShrinkResult | None = None  # the latest mid-training shrink (slices, plan)
         self.all_sections = set(plan_of(gated).sections)  # removed_sections: those removed by this Pruner
         self.state = PrunerState()
         with torch.no_grad():
@@ -213,18 +213,10 @@ class Pruner:
         return self.state.step % self.config.prune_every == 0
 
     # ------------------------------------------------------------------ removal
-    def decision(self) -> tuple[set[int], set[str]]:
-        """The units and sections that prune() would remove now: theta <= prune_threshold."""
-        plan, gates, threshold = plan_of(self.model), gates_of(self.model), self.config.prune_threshold
-        units, sections = set(), set()
-        for name, group in plan.groups.items():
-            if name in gates:
-                theta = gates[name].theta.detach().cpu().tolist()
-                units |= {int(u) for u, t in zip(group.units, theta) if t <= threshold}
-        for name in plan.sections:
-            if name in gates and float(gates[name].theta.detach()) <= threshold:
-                sections.add(name)
-        return units - set(plan.removed_units) - self.state.kept_anyway, sections
+    def decision(self) -> Decision:
+        """What prune() would remove now: the structures at theta <= prune_threshold that no shrink
+        has handled yet."""
+        return Decision.below(self.model, self.config.prune_threshold, inclusive=True, new_only=True)
 
     def prune(self, optimizer=None):
         """Remove physically what prune_threshold decides; returns (model, optimizer).
@@ -237,18 +229,17 @@ class Pruner:
         for opt in optimizers:
             self._check_optimizer(opt)
         self._sync_theta()
-        units, sections = self.decision()
-        if not units and not sections:
+        decision = self.decision()
+        if not decision:
             return self.model, optimizer
         old = self.model
-        new = shrink_structures(old, keep_gates=True, removed_units=set(plan_of(old).removed_units) | units,
-                                removed_sections=sections)
-        self.state.kept_anyway |= units - set(plan_of(new).removed_units)
+        self.last_shrink = result = shrink_to(old, decision, keep_gates=True)
+        new = result.model
         for opt in optimizers:
-            carry_optimizer(opt, old, new)
+            carry_optimizer(opt, old, result)
         if self.theta_optimizer is not None:
             if gates_of(new):
-                carry_optimizer(self.theta_optimizer, old, new)
+                carry_optimizer(self.theta_optimizer, old, result)
             else:
                 self.theta_optimizer = None  # every gate is gone (all sections removed)
         self.model = new
@@ -323,7 +314,8 @@ class Pruner:
         s = self.state
         return {
             "step": s.step, "hard": s.hard, "decided_before_hardening": s.decided_before_hardening,
-            "share_before_hardening": s.share_before_hardening, "kept_anyway": sorted(s.kept_anyway),
+            "share_before_hardening": s.share_before_hardening,
+            "kept_anyway": sorted(int(u) for u in plan_of(self.model).kept_anyway),
             "dense_cost": s.dense_cost, "price": s.price, "share": s.share,
             "removed_cost": [list(x) for x in s.removed_cost],
             "controller": self.controller.state_dict() if self.controller is not None else None,
@@ -343,12 +335,13 @@ class Pruner:
         plan = plan_of(self.model)
         units, sections = set(state["removed_units"]), set(state["removed_sections"]) & set(plan.sections)
         if units != set(plan.removed_units) or sections:
-            self.model = shrink_structures(self.model, keep_gates=True, removed_units=units, removed_sections=sections)
+            self.model = shrink_to(self.model, Decision(frozenset(units), frozenset(sections)), keep_gates=True).model
+        # units the run had to keep so that no tensor went empty: not decided again
+        set_plan(self.model, replace(plan_of(self.model), kept_anyway=frozenset(state["kept_anyway"])))
         s = self.state
         s.step, s.hard = int(state["step"]), bool(state["hard"])
         s.decided_before_hardening, s.share_before_hardening = (state["decided_before_hardening"],
                                                                 state["share_before_hardening"])
-        s.kept_anyway = set(state["kept_anyway"])
         s.dense_cost, s.price, s.share = float(state["dense_cost"]), float(state["price"]), float(state["share"])
         s.removed_cost = [(int(a), float(b)) for a, b in state["removed_cost"]]
         if self.controller is not None and state["controller"] is not None:
@@ -373,11 +366,11 @@ def check_gated(gated) -> None:
                          "and/or sections=True, or train the model with an ordinary loop")
 
 
-def carry_optimizer(optimizer: torch.optim.Optimizer, old_gm: fx.GraphModule, new_gm: fx.GraphModule) -> None:
-    """Point `optimizer` (in place) at new_gm's parameters, matched by name, with its per-parameter
-    state sliced as shrink sliced the parameter (meta['vpsurgery.slices']); parameters of removed
+def carry_optimizer(optimizer: torch.optim.Optimizer, old_gm: fx.GraphModule, shrunk: ShrinkResult) -> None:
+    """Point `optimizer` (in place) at the shrunk model's parameters, matched by name, with its
+    per-parameter state sliced as shrink sliced the parameter (shrunk.slices); parameters of removed
     structures leave it; parameters that are not old_gm's stay as they are."""
-    slices = new_gm.meta.get(SLICES_KEY, {})
+    new_gm, slices = shrunk.model, shrunk.slices
     old_names = {id(p): name for name, p in old_gm.named_parameters()}
     new_params = dict(new_gm.named_parameters())
     state = defaultdict(dict)
