@@ -91,6 +91,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, atomically (sets and tuples as lists, paths and numpy
+    or torch scalars as their values)."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` without ever leaving a partial file at ``path``."""
     with atomic_path(path) as tmp:
@@ -127,6 +143,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`atomic_path` (left behind by a killed writer)."""
+    return bool(_TMP_FILE.match(name))
 
 
 def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
@@ -238,7 +259,8 @@ def replaced_name(target: str | os.PathLike) -> Path:
     return target.with_name(target.name + ".replaced")
 
 
-def _summarise(items: list[str]) -> str:
+def summarise(items: list[str]) -> str:
+    """The first few of ``items``, comma-separated, and how many more."""
     shown = ", ".join(items[:_SHOWN_KEYS])
     more = len(items) - _SHOWN_KEYS
     return f"{shown}, ... and {more} more" if more > 0 else shown
@@ -261,7 +283,7 @@ def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not_tensors:
         raise CheckpointError(
             f"{where} is not a state_dict: {len(not_tensors)} entries are not named tensors "
-            f"[{_summarise(not_tensors)}]; expected model.state_dict() or a training checkpoint "
+            f"[{summarise(not_tensors)}]; expected model.state_dict() or a training checkpoint "
             "whose 'model' or 'state_dict' entry holds it"
         )
     return obj
@@ -292,7 +314,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if imports:
             raise CheckpointError(
                 f"refused: not a weights-only checkpoint: {path} contains pickled Python objects "
-                f"({_summarise(imports)}) that could run code when loaded, so it is not loaded; re-save it "
+                f"({summarise(imports)}) that could run code when loaded, so it is not loaded; re-save it "
                 "as torch.save(model.state_dict(), path) or as a dict of tensors and plain values"
             ) from exc
         raise CheckpointError(
@@ -350,6 +372,14 @@ def _pickle_imports(data: bytes) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load the state_dict in ``path`` (:func:`load_checkpoint`) into ``model`` after checking that it
+    has exactly the model's keys and shapes (:func:`check_state_dict`)."""
+    state = load_checkpoint(path)
+    check_state_dict(model, state)
+    model.load_state_dict(state)
+
+
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's keys and shapes."""
     expected = model.state_dict()
@@ -364,11 +394,11 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         return
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys [{_summarise(missing)}]")
+        problems.append(f"{len(missing)} missing keys [{summarise(missing)}]")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys [{_summarise(unexpected)}]")
+        problems.append(f"{len(unexpected)} unexpected keys [{summarise(unexpected)}]")
     if clashes:
-        problems.append(f"{len(clashes)} shape mismatches [{_summarise(clashes)}]")
+        problems.append(f"{len(clashes)} shape mismatches [{summarise(clashes)}]")
     hint = "check that the checkpoint was trained for this architecture and number of classes"
     if unexpected and all(k.startswith("module.") for k in unexpected):
         hint = "its keys carry the 'module.' prefix of DataParallel/DDP; save model.module.state_dict() instead"
@@ -414,5 +444,5 @@ def check_kept_map(kept: Any, where: str | os.PathLike, *, modules: set[str] | N
         if known is not None:
             unknown = [str(x) for x in named if x not in known]
             if unknown:
-                fail(f"names {len(unknown)} {label} the model does not have [{_summarise(unknown)}]")
+                fail(f"names {len(unknown)} {label} the model does not have [{summarise(unknown)}]")
     return kept

@@ -1,19 +1,23 @@
-"""What a compression run reports: per-layer sizes and FLOPs, text tables, report.json,
-report.md and its PNG plots. Everything is written atomically (temp file + rename)."""
+"""What a compression run reports: per-layer sizes and FLOPs (typed: Cost, Totals, LayerRow), text
+tables, report.md and its PNG plots. report.json, the run's record, is vpsurgery.cli.rundir.Report,
+which this module renders; everything is written atomically (temp file + rename)."""
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpsurgery.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from vpsurgery.cli.rundir import Latency, Outcome, Report, Verification
 
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 PLOTS = {
@@ -56,9 +60,92 @@ def _width(module: nn.Module) -> tuple[int, int]:
     return module.in_channels, module.out_channels
 
 
-def layer_rows(dense: nn.Module, small: nn.Module | None, example: torch.Tensor) -> list[dict[str, Any]]:
-    """One row per conv/linear layer of ``dense``: in/out channels, parameters and FLOPs before
-    and (when ``small`` is given) after; a layer that no longer exists has ``removed: True``."""
+@dataclass(frozen=True)
+class Cost:
+    """Parameters and FLOPs per example (a multiply-add is 2 FLOPs) of one model."""
+
+    params: int
+    flops: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"params": self.params, "flops": self.flops}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Cost":
+        return cls(int(data["params"]), int(data["flops"]))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """compressed / dense, of parameters and of FLOPs."""
+
+    params: float
+    flops: float
+
+
+@dataclass(frozen=True)
+class Totals:
+    dense: Cost
+    compressed: Cost
+
+    @property
+    def ratio(self) -> Ratio:
+        return Ratio(self.compressed.params / max(self.dense.params, 1),
+                     self.compressed.flops / max(self.dense.flops, 1))
+
+    def to_json(self) -> dict[str, Any]:
+        ratio = self.ratio
+        return {"dense": self.dense.to_json(), "compressed": self.compressed.to_json(),
+                "ratio": {"params": ratio.params, "flops": ratio.flops}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Totals":
+        return cls(Cost.from_json(data["dense"]), Cost.from_json(data["compressed"]))
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One conv/linear layer of the dense model: its width (channels or features), parameters and
+    FLOPs, and, when compared with a compressed model (``compared``), the same after it; a layer the
+    compressed model no longer has is ``removed``, with zeros after."""
+
+    layer: str
+    type: str
+    width_in: int
+    width_out: int
+    params: int
+    flops: int
+    removed: bool | None = None
+    width_in_after: int | None = None
+    width_out_after: int | None = None
+    params_after: int | None = None
+    flops_after: int | None = None
+
+    @property
+    def compared(self) -> bool:
+        return self.width_out_after is not None
+
+    def to_json(self) -> dict[str, Any]:
+        row = {"layer": self.layer, "type": self.type, "in": self.width_in, "out": self.width_out,
+               "params": self.params, "flops": self.flops}
+        if self.compared:
+            row.update({"removed": self.removed, "in_after": self.width_in_after, "out_after": self.width_out_after,
+                        "params_after": self.params_after, "flops_after": self.flops_after})
+        return row
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LayerRow":
+        row = cls(str(data["layer"]), str(data["type"]), int(data["in"]), int(data["out"]), int(data["params"]),
+                  int(data["flops"]))
+        if "out_after" not in data:
+            return row
+        return replace(row, removed=bool(data["removed"]), width_in_after=int(data["in_after"]),
+                       width_out_after=int(data["out_after"]), params_after=int(data["params_after"]),
+                       flops_after=int(data["flops_after"]))
+
+
+def layer_rows(dense: nn.Module, small: nn.Module | None, example: torch.Tensor) -> list[LayerRow]:
+    """One row per conv/linear layer of ``dense``, compared with ``small`` when it is given."""
     _, dense_flops = count_flops(dense, example)
     after = dict(small.named_modules()) if small is not None else {}
     small_flops = count_flops(small, example)[1] if small is not None else {}
@@ -66,27 +153,22 @@ def layer_rows(dense: nn.Module, small: nn.Module | None, example: torch.Tensor)
     for name, module in dense.named_modules():
         if not isinstance(module, LAYER_TYPES):
             continue
-        row = {"layer": name, "type": type(module).__name__, "in": _width(module)[0], "out": _width(module)[1],
-               "params": n_params(module), "flops": dense_flops.get(name, 0)}
+        row = LayerRow(name, type(module).__name__, *_width(module), n_params(module), dense_flops.get(name, 0))
         if small is not None:
             kept = after.get(name)
-            row["removed"] = not isinstance(kept, LAYER_TYPES)
-            row["in_after"], row["out_after"] = _width(kept) if not row["removed"] else (0, 0)
-            row["params_after"] = n_params(kept) if not row["removed"] else 0
-            row["flops_after"] = small_flops.get(name, 0) if not row["removed"] else 0
+            if isinstance(kept, LAYER_TYPES):
+                row = replace(row, removed=False, width_in_after=_width(kept)[0], width_out_after=_width(kept)[1],
+                              params_after=n_params(kept), flops_after=small_flops.get(name, 0))
+            else:
+                row = replace(row, removed=True, width_in_after=0, width_out_after=0, params_after=0, flops_after=0)
         rows.append(row)
     return rows
 
 
-def summary(dense: nn.Module, small: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """Totals and ratios (compressed / dense) of parameters and FLOPs."""
-    dense_flops, small_flops = count_flops(dense, example)[0], count_flops(small, example)[0]
-    dense_params, small_params = n_params(dense), n_params(small)
-    return {
-        "dense": {"params": dense_params, "flops": dense_flops},
-        "compressed": {"params": small_params, "flops": small_flops},
-        "ratio": {"params": small_params / max(dense_params, 1), "flops": small_flops / max(dense_flops, 1)},
-    }
+def summary(dense: nn.Module, small: nn.Module, example: torch.Tensor) -> Totals:
+    """Parameters and FLOPs of both models (``.ratio``: compressed / dense)."""
+    return Totals(Cost(n_params(dense), count_flops(dense, example)[0]),
+                  Cost(n_params(small), count_flops(small, example)[0]))
 
 
 # ---------------------------------------------------------------- text
@@ -111,59 +193,64 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def layer_table(rows: list[dict[str, Any]]) -> str:
-    compared = bool(rows) and "out_after" in rows[0]
-    if not compared:
+def layer_table(rows: list[LayerRow]) -> str:
+    if not (rows and rows[0].compared):
         header = ("layer", "type", "in", "out", "params", "FLOPs")
-        body = [(r["layer"], r["type"], r["in"], r["out"], human(r["params"]), human(r["flops"])) for r in rows]
+        body = [(r.layer, r.type, r.width_in, r.width_out, human(r.params), human(r.flops)) for r in rows]
         return format_table(header, body)
     header = ("layer", "in", "out", "params", "FLOPs")
     body = []
     for r in rows:
-        if r["removed"]:
-            body.append((r["layer"], f"{r['in']} -> removed", f"{r['out']} -> removed",
-                         f"{human(r['params'])} -> 0", f"{human(r['flops'])} -> 0"))
+        if r.removed:
+            body.append((r.layer, f"{r.width_in} -> removed", f"{r.width_out} -> removed",
+                         f"{human(r.params)} -> 0", f"{human(r.flops)} -> 0"))
         else:
-            body.append((r["layer"], f"{r['in']} -> {r['in_after']}", f"{r['out']} -> {r['out_after']}",
-                         f"{human(r['params'])} -> {human(r['params_after'])}",
-                         f"{human(r['flops'])} -> {human(r['flops_after'])}"))
+            body.append((r.layer, f"{r.width_in} -> {r.width_in_after}", f"{r.width_out} -> {r.width_out_after}",
+                         f"{human(r.params)} -> {human(r.params_after)}",
+                         f"{human(r.flops)} -> {human(r.flops_after)}"))
     return format_table(header, body)
 
 
-def totals_table(totals: dict[str, Any], accuracy: dict[str, Any] | None = None) -> str:
-    d, c, r = totals["dense"], totals["compressed"], totals["ratio"]
-    rows = [("parameters", human(d["params"]), human(c["params"]), f"{r['params']:.1%}"),
-            ("FLOPs / example", human(d["flops"]), human(c["flops"]), f"{r['flops']:.1%}")]
-    if accuracy and accuracy.get("val_acc") is not None:
-        rows.append(("val accuracy", "-", f"{accuracy['val_acc']:.2%}", ""))
+def totals_table(totals: Totals, val_acc: float | None = None, dense_val_acc: float | None = None) -> str:
+    """Dense vs compressed parameters and FLOPs, and the val accuracy of the compressed model (and of
+    the dense one, when it was measured: a run from --checkpoint)."""
+    d, c, r = totals.dense, totals.compressed, totals.ratio
+    rows = [("parameters", human(d.params), human(c.params), f"{r.params:.1%}"),
+            ("FLOPs / example", human(d.flops), human(c.flops), f"{r.flops:.1%}")]
+    if val_acc is not None or dense_val_acc is not None:
+        rows.append(("val accuracy", _pct(dense_val_acc), _pct(val_acc),
+                     f"{val_acc - dense_val_acc:+.2%}" if val_acc is not None and dense_val_acc is not None else ""))
     return format_table(("", "dense", "compressed", "kept"), rows)
 
 
-def verification_line(verification: dict[str, Any], latency: dict[str, Any] | None) -> str:
-    status = "PASSED" if verification["passed"] else "FAILED"
-    line = f"onnxruntime check {status}: {verification['detail']}"
+def verification_line(verification: "Verification", latency: "Latency | None", outcome: "Outcome | None" = None) -> str:
+    """The ONNX check (and the latency comparison). It says PASSED only for a run that also met its
+    goal (``outcome``): a faithful export of a model that was not compressed is no success."""
+    if not verification.passed:
+        line = f"onnxruntime check FAILED: {verification.detail}"
+    elif outcome is not None and not outcome.ok:
+        line = f"onnxruntime check: the ONNX model matches the torch model ({verification.detail})"
+    else:
+        line = f"onnxruntime check PASSED: {verification.detail}"
     if latency:
-        line += (f"\nonnxruntime latency (batch {latency['batch']}, median of {latency['repeats']}): dense "
-                 f"{latency['dense_ms']:.3f} ms, compressed {latency['small_ms']:.3f} ms, "
-                 f"speedup {latency['speedup']:.2f}x")
+        line += (f"\nonnxruntime latency (batch {latency.batch}, median of {latency.repeats}): dense "
+                 f"{latency.dense_ms:.3f} ms, compressed {latency.small_ms:.3f} ms, "
+                 f"speedup {latency.speedup:.2f}x")
     return line
 
 
+def outcome_line(outcome: "Outcome") -> str:
+    """What the run was asked for and what it reached; COMPRESSION FAILED and why when it did not."""
+    goal = (f"target {outcome.target:.1%} of the dense {outcome.per}, +-{outcome.tolerance:.0%} of it"
+            if outcome.target is not None else
+            f"price mode: price {outcome.price if outcome.price is not None else float('nan'):g}, per={outcome.per}")
+    reached = f"kept {outcome.share:.1%} of the dense {outcome.per}"
+    if outcome.ok:
+        return f"compression: {reached} ({goal})"
+    return f"COMPRESSION FAILED: {'; '.join(outcome.problems)} ({reached}; {goal})"
+
+
 # ---------------------------------------------------------------- files
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (set, tuple)):
-        return sorted(value) if isinstance(value, set) else list(value)
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    return str(value)
-
 
 def _save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
@@ -199,16 +286,16 @@ def plot_theta(history: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_widths(rows: list[dict[str, Any]], path: Path) -> bool:
+def plot_widths(rows: list[LayerRow], path: Path) -> bool:
     """Output channels per conv/linear layer, dense vs kept."""
-    if not rows or "out_after" not in rows[0]:
+    if not rows or not rows[0].compared:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
     xs = range(len(rows))
-    ax.bar(xs, [r["out"] for r in rows], color="lightgray", label="dense")
-    ax.bar(xs, [r["out_after"] for r in rows], color="tab:blue", label="kept")
-    ax.set_xticks(list(xs), [r["layer"] for r in rows], rotation=90, fontsize=7)
+    ax.bar(xs, [r.width_out for r in rows], color="lightgray", label="dense")
+    ax.bar(xs, [r.width_out_after for r in rows], color="tab:blue", label="kept")
+    ax.set_xticks(list(xs), [r.layer for r in rows], rotation=90, fontsize=7)
     ax.set(ylabel="output channels", title="Kept width per layer")
     ax.legend()
     _save_figure(fig, path)
@@ -216,7 +303,7 @@ def plot_widths(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_training(history: list[dict[str, Any]], path: Path, dense: dict[str, Any] | None = None) -> bool:
+def plot_training(history: list[dict[str, Any]], path: Path, dense: Cost | None = None) -> bool:
     """Accuracy and MACs/parameters over the epochs, as a share of the dense model's (``dense``:
     its params and FLOPs; a MAC is 2 FLOPs), else of the first epoch's."""
     if not history:
@@ -230,7 +317,7 @@ def plot_training(history: list[dict[str, Any]], path: Path, dense: dict[str, An
             acc.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
     acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     acc.legend()
-    baseline = {"macs": dense["flops"] / 2, "params": dense["params"]} if dense else {}
+    baseline = {"macs": dense.flops / 2, "params": dense.params} if dense else {}
     for key in ("macs", "params"):
         values = [h.get(key) for h in history]
         base = baseline.get(key) or (values[0] if values else None)
@@ -244,8 +331,8 @@ def plot_training(history: list[dict[str, Any]], path: Path, dense: dict[str, An
     return True
 
 
-def write_plots(out_dir: Path, history: list[dict[str, Any]], rows: list[dict[str, Any]],
-                dense: dict[str, Any] | None = None) -> dict[str, str]:
+def write_plots(out_dir: Path, history: list[dict[str, Any]], rows: list[LayerRow],
+                dense: Cost | None = None) -> dict[str, str]:
     """Write the PNGs that have data; returns {plot: relative path}."""
     written = {}
     if plot_theta(history, out_dir / PLOTS["theta"]):
@@ -257,31 +344,36 @@ def write_plots(out_dir: Path, history: list[dict[str, Any]], rows: list[dict[st
     return written
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """report.md: what was compressed, the totals, the verification, per-layer table, plots."""
-    history = report.get("history") or []
-    last = history[-1] if history else {}
+def markdown(report: "Report") -> str:
+    """report.md: what was compressed, the outcome, the totals, the verification, per-layer table,
+    the training history and the plots."""
+    history = report.history
+    outcome = report.outcome
+    structure = report.structure
     lines = [
-        f"# vpsurgery compression report: `{report['model']['spec']}`",
+        f"# vpsurgery compression report: `{report.model.spec}`",
         "",
-        f"- data: `{report['data']['spec']}` ({report['data']['num_classes']} classes), "
-        f"input shape {tuple(report['input_shape'])}",
-        f"- checkpoint: {report.get('checkpoint') or 'none (trained from the initialisation)'}",
-        f"- training: {report['training']['epochs']} epochs, {report['training'].get('seconds', 0):.1f} s",
-        f"- removed residual sections: {', '.join(report['structure']['removed_sections']) or 'none'}; "
-        f"depth {report['structure']['depth_before']} -> {report['structure']['depth_after']} conv/linear layers",
+        f"- data: `{report.data.spec}` ({report.data.num_classes} classes), input shape {tuple(report.input_shape)}",
+        f"- checkpoint: {report.checkpoint or 'none (trained from the initialisation)'}",
+        f"- training: {report.training.epochs} epochs, {report.training.seconds:.1f} s",
+        f"- removed residual sections: {', '.join(structure.removed_sections) or 'none'}; "
+        f"depth {structure.depth_before} -> {structure.depth_after} conv/linear layers",
+    ]
+    if outcome is not None:
+        lines.append(f"- {outcome_line(outcome)}")
+    lines += [
         "",
         "## Totals",
         "",
-        totals_table(report["totals"], {"val_acc": last.get("val_acc")}),
+        totals_table(report.totals, report.val_acc, outcome.dense_val_acc if outcome else None),
         "",
         "## Verification",
         "",
-        verification_line(report["verification"], report.get("latency")).replace("\n", "\n\n"),
+        verification_line(report.verification, report.latency, outcome).replace("\n", "\n\n"),
         "",
         "## Layers",
         "",
-        layer_table(report["layers"]),
+        layer_table(report.layers),
         "",
     ]
     if history:
@@ -291,18 +383,10 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{h.get('epoch_time_s', 0):.1f}") for h in history]
         lines += ["## Training", "", format_table(header, body), ""]
     for key, title in (("training", "Accuracy and cost"), ("theta", "Gates"), ("widths", "Kept width per layer")):
-        if key in report.get("plots", {}):
-            lines += [f"![{title}]({report['plots'][key]})", ""]
+        if key in report.plots:
+            lines += [f"![{title}]({report.plots[key]})", ""]
     return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
-
-
-def write_report(out_dir: Path, report: dict[str, Any]) -> None:
-    """Plots, report.json and report.md into ``out_dir``."""
-    report["plots"] = write_plots(out_dir, report.get("history") or [], report["layers"],
-                                  report.get("totals", {}).get("dense"))
-    write_json(out_dir / "report.json", report)
-    atomic_write_bytes(out_dir / "report.md", markdown(report).encode())
