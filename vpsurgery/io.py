@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import pickletools
 import re
 import shutil
@@ -303,24 +304,51 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         file = open(path, "rb")
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
-    try:
-        with file:
-            obj = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as exc:
-        # Once the file is open, every failure is about its content, and torch.load reports that
-        # through many types (RuntimeError or OSError from the zip reader, EOFError,
-        # UnpicklingError, even KeyError for a text file), so all of them land here.
-        imports = _refused_imports(exc, path)
-        if imports:
+    with file:
+        try:
+            obj = load_weights_only(file, path)
+        except CodeInCheckpoint as exc:
             raise CheckpointError(
                 f"refused: not a weights-only checkpoint: {path} contains pickled Python objects "
-                f"({summarise(imports)}) that could run code when loaded, so it is not loaded; re-save it "
+                f"({summarise(exc.imports)}) that could run code when loaded, so it is not loaded; re-save it "
                 "as torch.save(model.state_dict(), path) or as a dict of tensors and plain values"
             ) from exc
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}); re-create or re-download it"
-        ) from exc
+        except CorruptCheckpoint as exc:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt ({exc.cause}); re-create or re-download it"
+            ) from exc
     return _state_dict_from(obj, path)
+
+
+class CodeInCheckpoint(CheckpointError):
+    """The file is a pickle that names Python objects: loading it could run code."""
+
+    def __init__(self, imports: list[str]):
+        super().__init__(f"pickled Python objects: {summarise(imports)}")
+        self.imports = imports
+
+
+class CorruptCheckpoint(CheckpointError):
+    """The file cannot be read as a torch.save file."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def load_weights_only(file, path: Path):
+    """torch.load(weights_only=True) onto the CPU; every failure is CodeInCheckpoint (naming what
+    the pickle would import; its opcodes are read, never run) or CorruptCheckpoint."""
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        # Every failure here is about the file's content, and torch.load reports that through many
+        # types (RuntimeError or OSError from the zip reader, EOFError, UnpicklingError, even
+        # KeyError for a text file), so all of them land here.
+        imports = _refused_imports(exc, path)
+        if imports:
+            raise CodeInCheckpoint(imports) from exc
+        raise CorruptCheckpoint(type(exc).__name__) from exc
 
 
 def _refused_imports(exc: Exception, path: Path) -> list[str]:
@@ -335,7 +363,7 @@ def _refused_imports(exc: Exception, path: Path) -> list[str]:
     named = re.findall(r"GLOBAL ([\w.]+)", text)
     if named:
         return list(dict.fromkeys(named))
-    if "Weights only load failed" not in text:
+    if "Weights only load failed" not in text and not isinstance(exc, pickle.UnpicklingError):
         return []
     try:
         data = _pickle_bytes(path)

@@ -8,17 +8,13 @@ history. Every epoch reseeds from (seed, epoch), so the RNG states are kept for 
 """
 from __future__ import annotations
 
-import pickle
-import pickletools
-import re
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from vpsurgery.io import CheckpointError, atomic_save
+from vpsurgery.io import CheckpointError, CodeInCheckpoint, CorruptCheckpoint, atomic_save, load_weights_only, summarise
 from vpsurgery.surgery import plan as plan_of
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "fingerprint", "fingerprint_difference",
@@ -51,17 +47,12 @@ def fingerprint_difference(stored: dict, now: dict) -> str:
         only_ckpt, only_now = [k for k in a if k not in b], [k for k in b if k not in a]
         changed = [f"{k} {a[k]} vs {b[k]}" for k in b if k in a and a[k] != b[k]]
         if only_ckpt:
-            problems.append(f"{what}s only in the checkpoint: {_few(only_ckpt)}")
+            problems.append(f"{what}s only in the checkpoint: {summarise(only_ckpt)}")
         if only_now:
-            problems.append(f"{what}s only in this model: {_few(only_now)}")
+            problems.append(f"{what}s only in this model: {summarise(only_now)}")
         if changed:
-            problems.append(f"{what} sizes (checkpoint vs this model): {_few(changed)}")
+            problems.append(f"{what} sizes (checkpoint vs this model): {summarise(changed)}")
     return "; ".join(problems)
-
-
-def _few(items: list[str], shown: int = 3) -> str:
-    more = len(items) - shown
-    return ", ".join(map(str, items[:shown])) + (f" and {more} more" if more > 0 else "")
 
 
 def save_checkpoint(path: Path, *, config: dict, fingerprint: dict, epoch: int, pruner: dict, model: dict,
@@ -87,13 +78,12 @@ def load_checkpoint(path: Path) -> dict:
     """The checkpoint at `path`, loaded weights-only; CheckpointError naming the file when it is
     truncated, corrupt, carries code, or is not (this version's) fit checkpoint."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load reports a bad file through many types (see vpsurgery.io)
-        code = _pickled_code(exc, path)
-        if code is not None:
-            raise CheckpointError(
-                f"cannot resume from {path}: refused: not a weights-only checkpoint (loading it would run "
-                f"pickled code{': ' + code if code else ''}); delete it or start without resume") from None
+        ckpt = load_weights_only(path, path)
+    except CodeInCheckpoint as exc:
+        raise CheckpointError(
+            f"cannot resume from {path}: refused: not a weights-only checkpoint (loading it would run "
+            f"pickled code: {summarise(exc.imports)}); delete it or start without resume") from None
+    except CorruptCheckpoint as exc:
         raise cannot_resume(path, "is truncated or corrupt") from exc
     if not isinstance(ckpt, dict):
         raise cannot_resume(path, f"holds a {type(ckpt).__name__}, not a training checkpoint of vpsurgery.fit")
@@ -103,28 +93,6 @@ def load_checkpoint(path: Path) -> dict:
     missing = [k for k in _KEYS if k not in ckpt]
     if missing:
         older = "format" not in ckpt and "config" in ckpt
-        raise cannot_resume(path, "was written by an older vpsurgery (it lacks " + _few(missing) + ")" if older
-                            else "is not a training checkpoint of vpsurgery.fit (it lacks " + _few(missing) + ")")
+        raise cannot_resume(path, "was written by an older vpsurgery (it lacks " + summarise(missing) + ")" if older
+                            else "is not a training checkpoint of vpsurgery.fit (it lacks " + summarise(missing) + ")")
     return ckpt
-
-
-_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
-
-
-def _pickled_code(exc: Exception, path: Path) -> str | None:
-    """The callable a refused pickle names ('' if unknown), or None when the file is just broken.
-
-    The weights-only unpickler names the global it refused; pickles it cannot even parse (a plain
-    pickle.dump of protocol >= 4) are read with pickletools, which decodes without executing."""
-    if not isinstance(exc, pickle.UnpicklingError):
-        return None
-    found = re.search(r"GLOBAL (\S+)", str(exc))
-    if found:
-        return found.group(1)
-    if zipfile.is_zipfile(path):
-        return None
-    try:
-        ops = [op.name for op, _, _ in pickletools.genops(path.read_bytes())]
-    except Exception:  # truncated or not a pickle at all
-        return None
-    return "" if _CODE_OPCODES & set(ops) else None
