@@ -163,6 +163,15 @@ def test_compress_writes_the_run_dir(run):
     assert report["latency"]["dense_ms"] > 0 and len(report["history"]) == 1
     assert report["totals"]["compressed"]["params"] <= report["totals"]["dense"]["params"]
     assert "onnxruntime check PASSED" in run.stdout and "fc1" in run.stdout  # summary + --show-layers
+    # issue #10: by default compress keeps half of the dense FLOPs, and says how close it got
+    outcome = report["outcome"]
+    assert report["format"] == 2 and outcome["ok"] and not outcome["problems"]
+    assert (outcome["target"], outcome["per"]) == (0.5, "flops") and abs(outcome["share"] - 0.5) <= 0.05
+    assert abs(report["totals"]["ratio"]["flops"] - outcome["share"]) < 0.02  # the FLOP counter agrees
+    assert f"compression: kept {outcome['share']:.1%} of the dense flops" in run.stdout
+    # with --checkpoint the dense model's val accuracy is measured first and shown beside the compressed one
+    assert 0 <= outcome["dense_val_acc"] <= 1 and outcome["val_acc"] > outcome["chance"]
+    assert f"| val accuracy    | {outcome['dense_val_acc']:.2%}" in run.stdout
 
 
 def test_pt2_loads_in_a_process_without_vpsurgery(run, tmp_path):
@@ -220,6 +229,108 @@ def test_inspect_run_and_model(run):
     result = ok("inspect", "vpsurgery:resnet20:width=0.25")
     assert "residual sections" in result.stdout and "layer3.2.conv2" in result.stdout and "FLOPs" in result.stdout
     assert "unprunable" in result.stdout and "reaches the model output" in result.stdout
+
+
+# ------------------------------------------------------------------ issue #10: the budget
+
+def settings(*extra: str) -> dict:
+    from vpsurgery.cli.parser import parse_args
+
+    return parse_args(["compress", MODEL, "--data", "digits", "--out", "unused", *extra]).settings
+
+
+def test_the_budget_options_select_target_or_price_mode():
+    from vpsurgery.config import FitConfig
+
+    default = FitConfig()
+    assert (settings()["target"], settings()["per"]) == (0.5, "flops")  # compress always compresses
+    assert settings("--target", "0.3", "--per", "params") | {"price": default.price} == \
+        {**settings(), "target": 0.3, "per": "params"}
+    for price_mode in (settings("--price", "0.02"), settings("--target", "none")):  # FitConfig's per and price
+        assert price_mode["target"] is None and price_mode["per"] == default.per
+    assert settings("--price", "0.02")["price"] == 0.02 and settings("--target", "none")["price"] == default.price
+    assert settings("--target", "none", "--per", "flops")["per"] == "flops"
+
+
+def test_every_fit_setting_is_an_option_of_compress():
+    from dataclasses import fields
+
+    from vpsurgery.cli.parser import OWN_SETTINGS, build_parser
+    from vpsurgery.config import FitConfig
+
+    options = {o for a in build_parser().commands["compress"]._actions for o in a.option_strings}
+    assert {"--" + f.name.replace("_", "-") for f in fields(FitConfig)} <= options
+    assert set(settings()) == {f.name for f in fields(FitConfig)} - set(OWN_SETTINGS)
+    assert settings() | {"target": None, "per": FitConfig().per} == \
+        {k: v for k, v in FitConfig().to_dict().items() if k not in OWN_SETTINGS}  # FitConfig's defaults
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--target", "0.3", "--price", "0.1"), "argument --price: not used with --target SHARE"),
+    (("--target", "0"), "argument --target: target must be in (0, 1]"),
+    (("--target", "lots"), "argument --target: expected a number or none, got 'lots'"),
+    (("--per", "macs"), "argument --per: per must be one of params, flops"),
+    (("--target", "0.0001", "--per", "params"), "target 0.0001 is out of reach"),  # below what no gate governs
+])
+def test_a_bad_budget_writes_nothing(tmp_path, extra, message):
+    result = call(*compress_args(tmp_path, *extra))
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("[vpsurgery] ")]  # log lines
+    assert result.code == 2 and len(errors) == 1 and errors[0].startswith("vpsurgery: error: "), result.stderr
+    assert message in errors[0]
+    assert not list(tmp_path.iterdir())
+
+
+def compressed(tmp_path: Path, *extra: str) -> tuple[Result, dict, Path]:
+    out = tmp_path / "out"
+    result = call("compress", MODEL, *DATA, "--out", str(out), *FAST, "--repeats", "0", *extra)
+    return result, json.loads((out / "report.json").read_text()), out
+
+
+def assert_failed_but_complete(result: Result, report: dict, out: Path) -> str:
+    """exit 1 with one `compression failed` line, no PASSED anywhere, and a complete run directory."""
+    from vpsurgery.io import check_manifest
+
+    assert result.code == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vpsurgery: compression failed: ") and f"The run is complete in {out}" in last
+    assert "PASSED" not in result.stdout and "COMPRESSION FAILED" in result.stdout
+    assert "PASSED" not in (out / "report.md").read_text() and "COMPRESSION FAILED" in (out / "report.md").read_text()
+    check_manifest(out, required=("report.json", "kept_map.json", "weights.pt", "model.onnx"))
+    assert not report["outcome"]["ok"] and not out.with_name("out.partial").exists()
+    return last
+
+
+def test_a_run_that_misses_its_target_exits_1(tmp_path):
+    # everything theta moves off 1 is removed at once: far below the target before the rounding can help
+    result, report, out = compressed(tmp_path, "--prune-threshold", "0.99", "--prune-every", "1")
+    reason = assert_failed_but_complete(result, report, out)
+    assert f"keeps {report['outcome']['share']:.1%} of the dense flops, not the target 50.0%" in reason
+    assert report["outcome"]["share"] < 0.45
+    assert "at chance level" in reason  # and it learnt nothing (at most 15% for 10 classes)
+    assert "COMPRESSION FAILED" in ok("inspect", str(out)).stdout  # still a usable run directory
+
+
+def test_a_price_that_removes_nothing_exits_1(tmp_path):
+    result, report, out = compressed(tmp_path, "--target", "none", "--price", "0")
+    reason = assert_failed_but_complete(result, report, out)
+    assert "nothing was removed at --price 0" in reason and "chance" not in reason
+    assert report["outcome"]["target"] is None and report["outcome"]["share"] == 1.0
+
+
+def test_judge():
+    from vpsurgery.cli.commands import chance_level, judge
+    from vpsurgery.config import FitConfig
+
+    assert chance_level(10) == pytest.approx(0.15) and chance_level(2) == pytest.approx(0.55)
+    assert chance_level(1000) == pytest.approx(0.0015)
+    target = FitConfig(target=0.3, per="flops")
+    assert judge(target, 0.28, 0.1, 0.9, None, 10).ok and judge(target, 0.32, 0.1, 0.9, 0.95, 10).ok
+    assert "not the target 30.0%" in judge(target, 0.26, 0.1, 0.9, None, 10).problems[0]
+    assert "at chance level" in judge(target, 0.3, 0.1, 0.15, None, 10).problems[0]
+    assert judge(target, 0.3, 0.1, 0.16, None, 10).ok
+    price = FitConfig(price=0.01)
+    assert judge(price, 0.2, 0.01, 0.9, None, 10).ok  # no target: any share but "nothing removed"
+    assert "nothing was removed" in judge(price, 1.0, 0.01, 0.9, None, 10).problems[0]
 
 
 # ------------------------------------------------------------------ the real entry points (processes)

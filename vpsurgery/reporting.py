@@ -241,13 +241,13 @@ def verification_line(verification: "Verification", latency: "Latency | None", o
 
 def outcome_line(outcome: "Outcome") -> str:
     """What the run was asked for and what it reached; COMPRESSION FAILED and why when it did not."""
-    goal = (f"target {outcome.target:.1%} of the dense {outcome.per}, +-{outcome.tolerance:.0%} of it"
-            if outcome.target is not None else
-            f"price mode: price {outcome.price if outcome.price is not None else float('nan'):g}, per={outcome.per}")
-    reached = f"kept {outcome.share:.1%} of the dense {outcome.per}"
-    if outcome.ok:
-        return f"compression: {reached} ({goal})"
-    return f"COMPRESSION FAILED: {'; '.join(outcome.problems)} ({reached}; {goal})"
+    if not outcome.ok:
+        return f"COMPRESSION FAILED: {'; '.join(outcome.problems)}"
+    if outcome.target is not None:
+        goal = f"target {outcome.target:.1%}, +-{outcome.tolerance:.0%} of it"
+    else:
+        goal = "price mode" + (f", price {outcome.price:g}" if outcome.price is not None else "")
+    return f"compression: kept {outcome.share:.1%} of the dense {outcome.per} ({goal})"
 
 
 # ---------------------------------------------------------------- files
