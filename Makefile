@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/vpsurgery demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q --durations=10
 
 coverage: $(STAMP)
 	$(BIN)/python bench/coverage.py
