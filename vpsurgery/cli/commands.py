@@ -523,7 +523,7 @@ def cmd_demo(args) -> int:
     argv = ["compress", p.DEMO_MODEL, "--data", p.DEMO_DATA, "--image-size", str(p.DEMO_IMAGE_SIZE),
             "--epochs", str(args.epochs), "--batch-size", str(p.DEMO_BATCH_SIZE), "--out", str(out), "--show-layers",
             "--device", args.device, "--optimizer", p.DEMO_OPTIMIZER, "--lr", str(p.DEMO_LR),
-            "--price", str(args.price)]
+            "--target", str(args.target), "--per", cli_parser.DEMO_PER]
     if args.debug:
         argv.append("--debug")
     log(f"demo: vpsurgery {' '.join(argv)}")
