@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from vpsurgery.config import PER, PRIORS, default
 from vpsurgery.passes.gate.insert import GATES
