@@ -27,7 +27,6 @@ from ..analyse.sections import network_depth
 from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
 from ..capture.trace import NodeFailure, propagate_shapes
 
-SLICES_KEY = "vpsurgery.slices"  # scratch while shrinking: parameter name -> {dim: kept indices}; returned in ShrinkResult
 
 
 class ShrinkError(RuntimeError):
@@ -74,12 +73,12 @@ def shrink_to(gated: fx.GraphModule, decision: Decision, *, keep_gates: bool = F
     plan = plan_of(gated)
     stage = ["copying the gated model"]
     try:
-        gm = _shrink(gated, plan, keep_gates, set(decision.units), set(decision.sections), stage)
+        slices: dict[str, dict[int, torch.Tensor]] = {}  # filled by the slicing steps
+        gm = _shrink(gated, plan, keep_gates, set(decision.units), set(decision.sections), slices, stage)
     except ShrinkError:
         raise
     except Exception as e:
         raise _internal(e, stage[0]) from e
-    slices = gm.meta.pop(SLICES_KEY)
     new_plan = plan_of(gm)
     return ShrinkResult(gm, new_plan, slices, new_plan.kept_anyway - plan.kept_anyway)
 
@@ -96,9 +95,8 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     return shrink_to(gated, Decision.below(gated, check_threshold(threshold)), keep_gates=keep_gates).model
 
 
-def _shrink(gated, plan, keep_gates, removed_units, removed_sections, stage):
+def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, stage):
     gm = copy.deepcopy(gated)
-    gm.meta[SLICES_KEY] = {}  # filled by the slicing steps, returned in the ShrinkResult
     removed_sections = set(removed_sections) & set(plan.sections)  # earlier shrinks removed the rest
     theta = _unit_theta(gm, plan)
 
@@ -110,15 +108,15 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, stage):
     for u in decided - removed_units:  # kept only so no tensor is empty: it still counts as removed,
         theta[u] = 0.0  # so its consumers read it with zero weight (not with its sub-threshold theta)
 
-    _slice_modules(gm, plan, removed_units, stage)
+    _slice_modules(gm, plan, removed_units, slices, stage)
     stage[0] = "slicing parameters"
-    _slice_params(gm, plan, removed_units)
+    _slice_params(gm, plan, removed_units, slices)
     stage[0] = "rewriting size arguments"
     _rewrite_calls(gm, plan, removed_units)
     new_plan = plan.restrict(removed_units, removed_sections, set(), set())
     stage[0] = "slicing the gates" if keep_gates else "folding the gates into the weights"
     if keep_gates:
-        _slice_gates(gm, plan, new_plan, removed_units)
+        _slice_gates(gm, plan, new_plan, removed_units, slices)
     else:
         _fold_gates(gm, plan, new_plan, removed_units, theta)
 
@@ -208,7 +206,7 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------- slicing
-def _slice_modules(gm, plan, removed, stage):
+def _slice_modules(gm, plan, removed, slices, stage):
     done = set()
     shared: dict[int, tuple] = {}  # a parameter tied between modules is sliced once, and stays tied
     for node in gm.graph.nodes:
@@ -225,7 +223,7 @@ def _slice_modules(gm, plan, removed, stage):
         _set_submodule(gm, node.target, slice_module(module, rule, keep, shared))
         for pname, dims in (rule.params(module) if rule.params else {}).items():
             if isinstance(getattr(module, pname, None), nn.Parameter):
-                gm.meta[SLICES_KEY][f"{node.target}.{pname}"] = {d: keep[a] for d, a in dims.items()}
+                slices[f"{node.target}.{pname}"] = {d: keep[a] for d, a in dims.items()}
 
 
 def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared: dict | None = None) -> nn.Module:
@@ -262,7 +260,7 @@ def _set_submodule(gm, target, module):
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
-def _slice_params(gm, plan, removed):
+def _slice_params(gm, plan, removed, slices):
     for target, ax in plan.param_axes.items():
         keep = ax.keep(removed)
         if len(keep) == len(ax.units):
@@ -274,7 +272,7 @@ def _slice_params(gm, plan, removed):
             continue
         data = t.detach().index_select(ax.dim, torch.as_tensor(keep, device=t.device)).clone()
         if isinstance(t, nn.Parameter):
-            gm.meta[SLICES_KEY][target] = {ax.dim: torch.as_tensor(keep)}
+            slices[target] = {ax.dim: torch.as_tensor(keep)}
         setattr(owner, leaf, nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data)
 
 
@@ -492,7 +490,7 @@ def _nodes_calling(gm, container: str) -> dict[str, fx.Node]:
             if n.op == "call_module" and n.target.startswith(container + ".")}
 
 
-def _slice_gates(gm, plan, new_plan, removed):
+def _slice_gates(gm, plan, new_plan, removed, slices):
     """Keep training: gates keep the theta of their surviving units; masks are re-indexed."""
     gates, masks = getattr(gm, GATES), getattr(gm, MASKS)
     gate_node, mask_nodes = _nodes_calling(gm, GATES), _nodes_calling(gm, MASKS)
@@ -503,7 +501,7 @@ def _slice_gates(gm, plan, new_plan, removed):
         old = gates[g.name]
         if keep:
             old.theta = nn.Parameter(old.theta.detach()[keep].clone())
-            gm.meta[SLICES_KEY][f"{GATES}.{g.name}.theta"] = {0: torch.as_tensor(keep)}
+            slices[f"{GATES}.{g.name}.theta"] = {0: torch.as_tensor(keep)}
     for name, site in plan.sites.items():
         mask = mask_nodes.get(name)
         if mask is None:
