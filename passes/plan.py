@@ -87,6 +87,7 @@ class Plan:
     removed_units: set[int] = field(default_factory=set)
     removed_sections: set[str] = field(default_factory=set)
     kept_anyway: frozenset[int] = frozenset()  # decided off, kept so no tensor went empty (weights read 0)
+    capture: str = "fx"  # how the model became a graph: "fx" or "export"
 
     @cached_property
     def _unit_group(self) -> dict[int, tuple[str, int]]:

@@ -44,6 +44,8 @@ import torchvision
 
 from .channels import Layout
 
+aten = torch.ops.aten
+
 
 class Unsupported(Exception):
     """Raised by a rule for a use of its op it cannot handle exactly; the walker pins and reports."""
@@ -148,6 +150,8 @@ def size_deps(value, memo: dict | None = None) -> frozenset:
             node.op == "call_function" and node.target is getattr and node.args[1] in ("ndim", "dtype", "device",
                                                                                         "is_cuda", "layout")):
         out = frozenset()
+    elif node.op == "call_function" and node.target is aten.sym_size.int and _meta_is_tensor(node.args[0]):
+        out = frozenset({(node.args[0], node.args[1] % len(node.args[0].meta["tensor_meta"].shape))})
     elif node.op == "call_function" and node.target is len and node.args and _meta_is_tensor(node.args[0]):
         out = frozenset({(node.args[0], 0)})
     elif node.op == "call_function" and node.target is len and whole_shape_of(node.args[0]) is not None:
@@ -217,6 +221,9 @@ def facts(node, modules) -> Rule:
         for base in type(modules[node.target]).__mro__[1:]:
             if base in MODULE_RULES:
                 return replace(UNKNOWN, layer=MODULE_RULES[base].layer)
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        # an ATen op says itself whether it returns a view of (or writes into) its input
+        return replace(_UNLISTED_TORCH, alias=bool(node.target.is_view or node.target._schema.is_mutable))
     if node.op in ("call_module", "call_function", "call_method") and _from_torch(node, modules):
         return _UNLISTED_TORCH
     return UNKNOWN
@@ -296,8 +303,7 @@ def _conv_analyse(ctx, spatial: int):
         # Only whole groups can go, or the conv would become invalid: each group's in and out
         # channels form one unit.
         cin, cout = m.in_channels // g, m.out_channels // g
-        for j in range(g):
-            ctx.space.union_all(np.concatenate([inp[j * cin:(j + 1) * cin], out[j * cout:(j + 1) * cout]]))
+        ctx.space.union_rows(np.concatenate([inp.reshape(g, cin), out.reshape(g, cout)], axis=1))  # row j: group j
     else:
         ctx.consume(0, cdim)
     return channel_layout(out, len(ctx.out_shape), cdim)
@@ -370,8 +376,10 @@ def _per_channel_analyse(ctx, spatial: int | None, size: int, group: int = 1):
     cdim = 1 if spatial is None else (ndim - spatial - 1)
     ch = ctx.axis("ch", size)
     ctx.space.union(along(ctx, x, cdim), ch)
-    for j in range(0, size, group):  # GroupNorm: a group's statistics need all of its channels
-        if group > 1:
+    if group > 1 and size % group == 0:  # GroupNorm: a group's statistics need all of its channels
+        ctx.space.union_rows(ch.reshape(-1, group))
+    elif group > 1:
+        for j in range(0, size, group):
             ctx.space.union_all(ch[j:j + group])
     return ctx.normalize(ctx.layout_of(x).ids, cdim)
 
@@ -574,7 +582,7 @@ def _reduction(ctx):
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
     dims = ctx.arg(1, "dim", None)
     keepdim = ctx.arg(2, "keepdim", False)
-    if dims is None:
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # none or empty: every dim
         dims = tuple(range(ndim))
     dims = {_nd(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     if lay.dim in dims:
@@ -613,7 +621,7 @@ _register(METHOD_RULES, ("softmax", "log_softmax"), _softmax_rule)
 def _permute(ctx):
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
-    if ctx.node.target in (torch.transpose, torch.swapaxes, "transpose", "swapaxes"):
+    if ctx.node.target in (torch.transpose, torch.swapaxes, "transpose", "swapaxes", aten.transpose.int):
         a, b = _nd(ctx.arg(1, "dim0"), ndim), _nd(ctx.arg(2, "dim1"), ndim)
         order = list(range(ndim))
         order[a], order[b] = order[b], order[a]
@@ -642,7 +650,7 @@ def _reshape(ctx):
 
 def _rewrite_sizes(ctx):
     """view/reshape/expand: the size arguments, literal or computed, made consistent with the new shape."""
-    expand = ctx.node.target == "expand"
+    expand = ctx.node.target in ("expand", aten.expand.default)
     sizes = ctx.varargs(1, "size" if expand else "shape")
     old, new = ctx.old_out_shape, ctx.new_out_shape
     if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and len(old) != 1:
@@ -839,6 +847,47 @@ _register(FUNCTION_RULES, (torch.narrow, torch.unbind, torch.movedim, torch.move
                            torch.t, torch.as_strided, torch.diagonal, torch.tensor_split), Rule(analyse=None, alias=True))
 _register(FUNCTION_RULES, (F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout),
           Rule(analyse=None, linear=True, alias=True, random=True))
+
+
+# --------------------------------------------------------------------------- ATen overloads
+# A torch.export graph (passes/capture/export.py) calls ATen overloads. Their layers are lifted into
+# modules (passes/capture/lift.py) and slices become getitem; every other op below takes its
+# arguments in the order of the torch function it stands for, so it shares that function's rule.
+def _aten(table_key: str, rule: Rule) -> None:
+    for name in table_key.split():
+        op, _, overload = name.partition(".")
+        packet = getattr(aten, op, None)
+        if packet is not None and hasattr(packet, overload or "default"):
+            FUNCTION_RULES[getattr(packet, overload or "default")] = rule
+
+
+_aten("relu relu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ silu silu_ gelu gelu_ "
+      "hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ mish mish_ softplus clamp clamp_ clamp_min clamp_min_ "
+      "clamp_max clamp_max_ exp log abs sqrt rsqrt erf", _activation)
+_aten("neg", Rule(analyse=_same, linear=True))
+_aten("clone detach alias contiguous _to_copy to.dtype to.dtype_layout to.device type_as",
+      Rule(analyse=_same, linear=True, alias=True))
+_aten("add.Tensor add_.Tensor sub.Tensor sub_.Tensor mul.Tensor mul_.Tensor div.Tensor div_.Tensor "
+      "add.Scalar sub.Scalar mul.Scalar div.Scalar pow.Tensor_Scalar pow.Tensor_Tensor maximum minimum "
+      "rsub.Scalar", Rule(analyse=_elementwise))
+for _spatial in (1, 2, 3):
+    _aten(f"max_pool{_spatial}d adaptive_max_pool{_spatial}d", Rule(
+        analyse=lambda ctx, s=_spatial: _spatial_only(ctx, s, "pooling"), nonlinear=True))
+    _aten(f"avg_pool{_spatial}d adaptive_avg_pool{_spatial}d", Rule(
+        analyse=lambda ctx, s=_spatial: _spatial_only(ctx, s, "pooling"), linear=True))
+_aten("upsample_nearest2d.vec upsample_bilinear2d.vec upsample_nearest1d.vec upsample_linear1d.vec "
+      "upsample_nearest3d.vec upsample_trilinear3d.vec upsample_bicubic2d.vec", Rule(analyse=_interpolate))
+_aten("pad constant_pad_nd", Rule(analyse=_pad))
+_aten("mean.dim sum.dim_IntList amax amin", Rule(analyse=_reduction))
+_aten("softmax.int _softmax log_softmax.int _log_softmax", _softmax_rule)
+_aten("permute transpose.int", Rule(analyse=_permute, linear=True, alias=True))
+_aten("view reshape _unsafe_view", _reshape_rule)
+_aten("flatten.using_ints squeeze.dim squeeze.dims squeeze unsqueeze", _plain_reshape)
+_aten("unflatten.int", Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True))
+_aten("expand", Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True))
+_aten("cat", Rule(analyse=_cat))
+_aten("split.Tensor split_with_sizes chunk", _split_rule)
+_aten("sym_size.int sym_numel _assert_tensor_metadata _assert_scalar", Rule(analyse=_metadata))
 
 
 # --------------------------------------------------------------------------- public rule constructors

@@ -1,6 +1,8 @@
 """The public surgery API: wrap (trace, analyse, gate), gates, shrink, report."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
@@ -10,7 +12,8 @@ from vpsurgery.passes.analyse import analyse, network_depth
 from vpsurgery.passes.analyse.sections import add_residuals as _add_residuals
 from vpsurgery.passes.attach import plan_of, set_plan
 from vpsurgery.passes.capture.inplace import make_out_of_place
-from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes, trace
+from vpsurgery.passes.capture import capture as _capture
+from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes
 from vpsurgery.passes.gate.insert import GATES, insert_gates
 from vpsurgery.passes.gate.modules import ChannelMask, Gate
 from vpsurgery.passes.plan import Plan
@@ -20,7 +23,7 @@ from vpsurgery.passes.shrink import shrink as _shrink
 
 def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
          add_residuals: bool = False, theta_init: float = 1.0, leaf_modules=(),
-         concrete_args=None, exclude=()) -> fx.GraphModule:
+         concrete_args=None, exclude=(), capture: str = "auto") -> fx.GraphModule:
     """Trace `model` (a copy; the model is not modified), find its prunable channel groups and
     residual sections, and return a GraphModule with one Bernoulli gate per group/section.
 
@@ -32,10 +35,14 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     `exclude`: modules, by qualified name (a parent's name covers its children) or by class, to keep
     as they are (Torch-Pruning's ignored_layers): their channels are pinned, a residual section that
     holds one is not removable, and the report lists them.
+
+    `capture`: how the model becomes a graph. 'fx' (torch.fx symbolic trace), 'export' (torch.export,
+    non-strict: for models with Python control flow fx cannot trace), or 'auto' (the default: fx,
+    and export where fx fails). `vpsurgery.plan(gated).capture` says which one was used.
     """
     _refuse_wrapped(model)
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm, path = _capture(model, example_inputs, how=capture, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if make_out_of_place(gm):  # so that the gated and the shrunk graphs train, whatever is removed
         propagate_shapes(gm, example_inputs)
     original_depth = network_depth(gm)
@@ -45,6 +52,7 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
                       f"the model is unchanged", stacklevel=2)
     plan = analyse(gm, example_inputs, channels=channels, sections=sections, original_depth=original_depth,
                    exclude=exclude)
+    plan = dataclasses.replace(plan, capture=path)
     insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm
@@ -82,7 +90,7 @@ def kept_map(small: fx.GraphModule) -> dict:
                for m, axes in p.module_axes.items()}
     return {"format": 1, "example": [[list(s), d] for s, d in p.example],
             "removed_units": sorted(int(u) for u in p.removed_units),
-            "removed_sections": sorted(p.removed_sections), "modules": modules}
+            "removed_sections": sorted(p.removed_sections), "capture": p.capture, "modules": modules}
 
 
 def replay(model: torch.nn.Module, kept: dict, example_inputs=None, **wrap_kwargs) -> fx.GraphModule:
@@ -91,10 +99,19 @@ def replay(model: torch.nn.Module, kept: dict, example_inputs=None, **wrap_kwarg
         raise ValueError("not a vpsurgery kept map (expected the kept_map.json written by compress)")
     if example_inputs is None:
         example_inputs = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in kept["example"])
+    wrap_kwargs.setdefault("capture", kept.get("capture", "auto"))  # the path the map was made on
     gated = wrap(model, example_inputs, **wrap_kwargs)
-    small = shrink_to(gated, Decision(frozenset(kept["removed_units"]), frozenset(kept["removed_sections"]))).model
-    got = kept_map(small)["modules"]
-    clashes = [m for m, axes in kept["modules"].items() if got.get(m) != axes]
+    removed = set(kept["removed_units"])
+    axes_now = plan_of(gated).module_axes
+    # Unit ids only mean the same thing in the same graph: check before shrinking by them.
+    clashes = [m for m, axes in kept["modules"].items()
+               if m not in axes_now or any(name not in axes_now[m] or
+                                           axes_now[m][name].keep(removed).tolist() != positions
+                                           for name, positions in axes.items())]
+    if not clashes:
+        small = shrink_to(gated, Decision(frozenset(removed), frozenset(kept["removed_sections"]))).model
+        got = kept_map(small)["modules"]
+        clashes = [m for m, axes in kept["modules"].items() if got.get(m) != axes]
     if clashes:
         raise ValueError(f"the kept map does not fit this model: {len(clashes)} module(s) differ, e.g. "
                          f"{clashes[:3]}; replay it onto the architecture it was made from")
@@ -109,7 +126,8 @@ def plan(gated: fx.GraphModule) -> Plan:
 def report(gated: fx.GraphModule) -> str:
     """A readable summary of what wrap found."""
     p = plan_of(gated)
-    lines = [f"depth {p.depth} conv/linear layers (was {p.original_depth}); "
+    lines = [f"captured by {'torch.export' if p.capture == 'export' else 'torch.fx'}; "
+             f"depth {p.depth} conv/linear layers (was {p.original_depth}); "
              f"{len(p.groups)} channel groups ({sum(len(g.units) for g in p.groups.values())} gated units), "
              f"{len(p.sections)} residual sections, {len(p.sites)} mask sites; "
              f"{100 * p.prunable_share:.1f}% of conv/linear output channels prunable"]

@@ -162,8 +162,11 @@ def _flatten(x):
 
 
 # Ops whose size arguments shrink rewrites consistently (literal or computed, passes/rules.py).
+_aten = torch.ops.aten
 _SIZE_CONSUMERS = {"view", "reshape", "expand", "unflatten", "split", "chunk", torch.reshape, torch.unflatten,
-                   torch.split, torch.chunk}
+                   torch.split, torch.chunk, _aten.view.default, _aten.reshape.default, _aten.expand.default,
+                   _aten.unflatten.int, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.chunk.default,
+                   _aten._unsafe_view.default}
 
 
 def _is_size_arithmetic(node: fx.Node) -> bool:
@@ -281,10 +284,9 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
     # Every id's unit, resolved once: unit numbers are the roots renumbered 0..U-1 in id order.
     root_of_id = space.roots(np.arange(space.size, dtype=np.int64))
     roots_sorted, unit_of_id = np.unique(root_of_id, return_inverse=True)
-    unit_of_root = {int(r): u for u, r in enumerate(roots_sorted)}
-    pinned_roots = {}
-    for i, reason in space.pins.items():
-        pinned_roots.setdefault(int(root_of_id[i]), set()).add(reason)
+    pinned_ids, pin_codes = space.pinned()
+    pinned_unit = np.zeros(len(roots_sorted), dtype=bool)
+    pinned_unit[unit_of_id[pinned_ids]] = True
 
     def units(ids: np.ndarray) -> np.ndarray:
         return unit_of_id[ids]
@@ -330,18 +332,11 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
             node_axes[node.name] = param_axes[node.target]
 
     # Units that some conv/linear produces and nothing pins are the prunable ones.
-    producers_of_unit: dict[int, set[str]] = defaultdict(set)
-    first_id: dict[int, int] = {}
-    for i, (module, _axis) in space.producers.items():
-        u = int(unit_of_id[i])
-        producers_of_unit[u].add(module)
-        first_id[u] = min(first_id.get(u, i), i)
-    pinned_units = {unit_of_root[r] for r in pinned_roots if r in unit_of_root}
-    root_of_unit = {u: r for r, u in unit_of_root.items()}
+    producers_of_unit, first_id = _producers_of_units(space, unit_of_id)
 
     by_signature: dict[frozenset, list[int]] = defaultdict(list)
     for u, mods in producers_of_unit.items():
-        if u not in pinned_units:
+        if not pinned_unit[u]:
             by_signature[frozenset(mods)].append(u)
     params, macs = _unit_costs(gm, w.modules, module_axes, node_axes)
     module_order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
@@ -354,10 +349,7 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
                                     np.array([macs.get(u, 0) for u in us]))
 
     unprunable = []
-    reasons_producers: dict[str, set[str]] = defaultdict(set)
-    for u in pinned_units:
-        for reason in pinned_roots[root_of_unit[u]]:
-            reasons_producers[reason] |= producers_of_unit.get(u, set())
+    reasons_producers = _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, producers_of_unit)
     for reason in sorted(set(w.pin_sites) | set(reasons_producers)):
         unprunable.append(Unprunable(reason, sorted(w.pin_sites.get(reason, ())),
                                      sorted(reasons_producers.get(reason, ()))))
@@ -372,7 +364,8 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
         site.name = name
 
     total = sum(len(ax.units) for m, axes in module_axes.items() for n, ax in axes.items() if n == "out")
-    prunable = sum(int(np.isin(ax.units, list(gated)).sum())
+    gated_units = np.fromiter(gated, dtype=np.int64, count=len(gated))
+    prunable = sum(int(np.isin(ax.units, gated_units).sum())
                    for m, axes in module_axes.items() for n, ax in axes.items() if n == "out")
     return Plan(groups=groups, sections={}, node_axes=node_axes, module_axes=dict(module_axes),
                 param_axes=param_axes, sites=sites, unprunable=unprunable, example=example,
@@ -387,11 +380,55 @@ def _unique(name: str, taken) -> str:
     return out
 
 
+def _producers_of_units(space, unit_of_id):
+    """unit -> the modules producing its channels, and unit -> its first id that a module produces
+    (for units that some module produces)."""
+    ids, producers, which = space.producer_ids()
+    module_names = sorted({m for m, _axis in producers})
+    module_of = np.array([module_names.index(m) for m, _axis in producers], dtype=np.int64)
+    units = unit_of_id[ids]
+    pairs = np.unique(units * len(module_names) + module_of[which]) if len(ids) else np.zeros(0, np.int64)
+    producers_of_unit: dict[int, set[str]] = defaultdict(set)
+    for u, m in zip((pairs // max(len(module_names), 1)).tolist(), (pairs % max(len(module_names), 1)).tolist()):
+        producers_of_unit[u].add(module_names[m])
+    uniq, first = np.unique(units, return_index=True)  # ids ascend: the first is the smallest
+    return producers_of_unit, dict(zip(uniq.tolist(), ids[first].tolist()))
+
+
+def _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, producers_of_unit) -> dict[str, set[str]]:
+    """Every pin reason -> the modules whose output channels it pinned (a unit is pinned for the
+    reasons of all of its ids)."""
+    out: dict[str, set[str]] = {space.reasons[c]: set() for c in np.unique(pin_codes).tolist()}
+    pairs = np.unique(unit_of_id[pinned_ids] * max(len(space.reasons), 1) + pin_codes)
+    for u, c in zip((pairs // max(len(space.reasons), 1)).tolist(), (pairs % max(len(space.reasons), 1)).tolist()):
+        if u in producers_of_unit:
+            out[space.reasons[c]] |= producers_of_unit[u]
+    return out
+
+
+class _Sums:
+    """Per-unit sums of (units, amount) contributions, added in the order given (as a dict of
+    running float sums would: the same float results)."""
+
+    def __init__(self):
+        self.units, self.amounts = [], []
+
+    def add(self, units: np.ndarray, amount: float) -> None:
+        self.units.append(np.asarray(units, dtype=np.int64))
+        self.amounts.append(np.full(len(units), amount, dtype=np.float64))
+
+    def result(self) -> dict[int, float]:
+        if not self.units:
+            return {}
+        uniq, inverse = np.unique(np.concatenate(self.units), return_inverse=True)
+        sums = np.bincount(inverse.reshape(-1), weights=np.concatenate(self.amounts), minlength=len(uniq))
+        return dict(zip(uniq.tolist(), sums.tolist()))
+
+
 def _unit_costs(gm, modules, module_axes, node_axes):
     """Parameters and MACs removed with each unit (first order: a weight entry whose in and out
     channel both go is counted twice, as in every L0-style size penalty)."""
-    params: dict[int, float] = defaultdict(float)
-    macs: dict[int, float] = defaultdict(float)
+    params, macs = _Sums(), _Sums()
     seen = set()  # a parameter tied between modules is counted once
     for name, axes in module_axes.items():
         m = modules[name]
@@ -404,9 +441,7 @@ def _unit_costs(gm, modules, module_axes, node_axes):
                 continue
             seen.add(id(t))
             for d, axis_name in dims.items():
-                per_position = t.numel() // t.shape[d]
-                for u in axes[axis_name].units:
-                    params[int(u)] += per_position
+                params.add(axes[axis_name].units, t.numel() // t.shape[d])
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in module_axes:
             continue
@@ -418,6 +453,5 @@ def _unit_costs(gm, modules, module_axes, node_axes):
             ax = module_axes[node.target].get(axis_name)
             if ax is None or (axis_name == "in" and getattr(m, "groups", 1) > 1):
                 continue
-            for u in ax.units:
-                macs[int(u)] += total / len(ax.units)
-    return params, macs
+            macs.add(ax.units, total / len(ax.units))
+    return params.result(), macs.result()

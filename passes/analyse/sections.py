@@ -15,7 +15,7 @@ from ..rules import _same, facts, lookup
 from ..plan import Section, Unprunable
 from .cost import call_macs
 
-_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor}
 
 
 def graph_of(gm: fx.GraphModule) -> nx.DiGraph:

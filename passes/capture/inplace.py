@@ -54,6 +54,8 @@ def is_inplace(node: fx.Node, modules) -> bool:
     if node.op == "call_function":
         if node.target in _MUTATING_FUNCTIONS:
             return True
+        if isinstance(node.target, torch._ops.OpOverload):  # aten.relu_, aten.add_.Tensor (torch.export)
+            return node.target._schema.name.endswith("_") and node.target._schema.is_mutable
         name = getattr(node.target, "__name__", "")
         if name.endswith("_") and not name.startswith("_") and getattr(node.target, "__module__", "") != "_operator":
             return True  # torch.relu_, torch.sigmoid_, ... (not operator.and_, operator.or_)
@@ -75,6 +77,9 @@ def may_alias(node: fx.Node, modules) -> bool:
 
 def _out_of_place_function(f):
     """torch.relu_ -> torch.relu, F.elu_ -> F.elu, ... (None if there is none)."""
+    if isinstance(f, torch._ops.OpOverload):  # aten.add_.Tensor -> aten.add.Tensor
+        packet = getattr(torch.ops.aten, f._schema.name.split("::")[-1][:-1], None)
+        return getattr(packet, f._overloadname, None) if packet is not None else None
     name = getattr(f, "__name__", "")
     for module in (F, torch):
         if getattr(module, name, None) is f and callable(getattr(module, name[:-1], None)):

@@ -1,0 +1,121 @@
+"""The two capture paths (torch.fx, torch.export) and lifting functional layers into modules."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import vpsurgery
+from capture_nets import DataDependent, FunctionalNet, TinyYolo
+from conftest import assert_invariant, n_params, random_hard_gates, realistic_stats, rel_err
+
+LIFTED = (F.conv2d, F.batch_norm, F.linear, F.group_norm, F.layer_norm, F.dropout)
+
+
+def _calls(gm, kind):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+
+
+def test_functional_layers_are_lifted_into_modules_that_share_the_parameters():
+    model = realistic_stats(FunctionalNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    gated = vpsurgery.wrap(model, (x,))
+    assert vpsurgery.plan(gated).capture == "fx"
+    assert not [n for n in gated.graph.nodes if n.op == "call_function" and n.target in LIFTED]
+    assert len(_calls(gated, nn.Conv2d)) == 4 and len(_calls(gated, nn.BatchNorm2d)) == 3
+    assert len(_calls(gated, nn.Linear)) == 1 and len(_calls(gated, nn.GroupNorm)) == 1
+    # the parameters keep their names (a BatchNorm+act layer becomes a BatchNorm2d holding the act)
+    keys = set(gated.state_dict())
+    assert {"bn1.weight", "bn1.running_mean", "stem.weight", "conv1.bias"} <= keys
+    assert not any(k in keys for k in ("fc_w", "gn_w"))  # moved into the lifted modules, not left behind
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    plan = vpsurgery.plan(gated)
+    producers = {p for g in plan.groups.values() for p in g.producers}
+    assert {"stem", "conv1"} <= producers  # functional convs are prunable now
+    random_hard_gates(gated, 0.4, 0)
+    small = assert_invariant(gated, x, smaller=True)
+    assert n_params(small) < 0.8 * n_params(model)
+
+
+def test_lifted_batch_norm_and_dropout_follow_train_and_eval():
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    x = torch.randn(8, 3, 16, 16)
+    gated = vpsurgery.wrap(model, (x,)).train()
+    before = gated.bn1.running_mean.clone()
+    gated(x)
+    assert not torch.equal(before, gated.bn1.running_mean)  # batch statistics in train mode
+    gated.eval()
+    with torch.no_grad():
+        a, b = gated(x), gated(x)
+    assert torch.equal(a, b)  # eval: running statistics, no dropout
+    assert model.bn1.running_mean.abs().sum() == 0  # the user's model is untouched
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_export_path_finds_what_fx_finds_and_shrinks_exactly(name):
+    torch.manual_seed(0)
+    model = realistic_stats(getattr(torchvision.models, name)(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    by_fx = vpsurgery.plan(vpsurgery.wrap(model, (x,), capture="fx"))
+    gated = vpsurgery.wrap(model, (x,), capture="export")
+    by_export = vpsurgery.plan(gated)
+    assert by_export.capture == "export" and "torch.export" in vpsurgery.report(gated)
+    assert sorted(len(g.units) for g in by_export.groups.values()) == \
+        sorted(len(g.units) for g in by_fx.groups.values())
+    assert len(by_export.sections) == len(by_fx.sections)
+    assert by_export.prunable_share == pytest.approx(by_fx.prunable_share)
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+        assert gated(torch.randn(5, 3, 32, 32)).shape == (5, 10)  # the batch dim stays dynamic
+    random_hard_gates(gated, 0.4, 1, sections=0.5)
+    small = assert_invariant(gated, x, smaller=True)
+    assert small(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_a_detector_fx_cannot_trace_is_captured_by_export_and_trains():
+    torch.manual_seed(0)
+    model = realistic_stats(TinyYolo()).eval()
+    pristine = copy.deepcopy(model)  # running the model caches its grids: another graph after that
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(vpsurgery.TraceError, match="cannot trace TinyYolo"):
+        vpsurgery.wrap(model, (x,), capture="fx")
+    gated = vpsurgery.wrap(model, (x,))  # auto: falls back to torch.export
+    plan = vpsurgery.plan(gated)
+    assert plan.capture == "export" and plan.prunable_share > 0.9 and len(plan.sections) == 3
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    # it trains: gates get gradients, batch norm uses batch statistics
+    gated.train()
+    before = gated.get_submodule("layers.0.bn").running_mean.clone()
+    gated(x).square().mean().backward()
+    assert all(g.theta.grad is not None for g in vpsurgery.gates(gated).values())
+    assert not torch.equal(before, gated.get_submodule("layers.0.bn").running_mean)
+    gated.zero_grad()
+    random_hard_gates(gated, 0.5, 2, sections=0.6)
+    small = assert_invariant(gated, x, smaller=True)
+    # the kept map replays onto the dense model through the same path
+    again = vpsurgery.replay(pristine, vpsurgery.kept_map(small))
+    assert vpsurgery.kept_map(again)["modules"] == vpsurgery.kept_map(small)["modules"]
+    assert n_params(again) == n_params(small)
+    with pytest.raises(ValueError, match="kept map does not fit"):  # the model whose grids are cached
+        vpsurgery.replay(model, vpsurgery.kept_map(small))
+
+
+def test_a_model_neither_path_captures_gets_one_error_naming_the_line():
+    with pytest.raises(vpsurgery.TraceError) as info:
+        vpsurgery.wrap(DataDependent(), (torch.randn(2, 3, 8, 8),))
+    msg = str(info.value)
+    assert "torch.fx" in msg and "torch.export" in msg
+    assert "capture_nets.py:" in msg and "x.mean() > 0" in msg  # the user's file:line and construct
+    assert "leaf_modules" in msg
+
+
+def test_capture_argument_is_checked():
+    with pytest.raises(ValueError, match="capture='jit'"):
+        vpsurgery.wrap(FunctionalNet(), (torch.randn(1, 3, 16, 16),), capture="jit")
