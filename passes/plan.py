@@ -17,15 +17,33 @@ class Axis:
     units: np.ndarray  # int64, one unit id per position
     positions: np.ndarray | None = None  # where each position was in the original model
 
-    def keep(self, removed: set[int]) -> np.ndarray:
-        return np.nonzero(~np.isin(self.units, list(removed)))[0] if removed else np.arange(len(self.units))
+    def keep(self, removed) -> np.ndarray:
+        """Positions whose unit is not in `removed`: a set of unit ids, or its `removed_mask`."""
+        if not len(removed):
+            return np.arange(len(self.units))
+        if isinstance(removed, np.ndarray):
+            inside = self.units < len(removed)
+            gone = np.zeros(len(self.units), dtype=bool)
+            gone[inside] = removed[self.units[inside]]
+        else:
+            gone = np.isin(self.units, np.fromiter(removed, dtype=np.int64, count=len(removed)))
+        return np.nonzero(~gone)[0]
 
     def original_positions(self) -> np.ndarray:
         return np.arange(len(self.units)) if self.positions is None else self.positions
 
-    def restrict(self, removed: set[int]) -> "Axis":
+    def restrict(self, removed) -> "Axis":
         keep = self.keep(removed)
         return Axis(self.dim, self.units[keep], self.original_positions()[keep])
+
+
+def removed_mask(removed) -> np.ndarray:
+    """A lookup table of a set of unit ids (entry u: is u in it), for Axis.keep: shrink asks it of
+    every axis, and converting a large set each time would cost more than the rest."""
+    ids = np.fromiter(removed, dtype=np.int64, count=len(removed))
+    mask = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=bool)
+    mask[ids] = True
+    return mask
 
 
 @dataclass
@@ -101,10 +119,12 @@ class Plan:
     def restrict(self, removed_units: set[int], removed_sections: set[str], gone_nodes: set[str],
                  gone_modules: set[str]) -> "Plan":
         """The plan of the graph after shrinking."""
+        mask = removed_mask(removed_units)
+
         def axis(a):
             if a is None:
                 return None
-            return tuple(axis(x) for x in a) if isinstance(a, tuple) else a.restrict(removed_units)
+            return tuple(axis(x) for x in a) if isinstance(a, tuple) else a.restrict(mask)
 
         groups = {}
         for g in self.groups.values():

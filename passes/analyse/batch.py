@@ -14,13 +14,17 @@ def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> 
         return True
     before = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
     bigger = [torch.cat([t, t[:1]]) for t in example_inputs]
+    saved = {n: {k: n.meta[k] for k in ("tensor_meta", "type") if k in n.meta} for n in gm.graph.nodes}
     try:
         propagate_shapes(gm, bigger)
         after = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
     except Exception:
         return False  # the batch size is baked in somewhere: one sample per minibatch is safe
-    finally:
-        propagate_shapes(gm, example_inputs)
+    finally:  # the shapes at the example, as they were (the same as propagating it again)
+        for n, meta in saved.items():
+            for k in ("tensor_meta", "type"):
+                n.meta.pop(k, None)
+            n.meta.update(meta)
     batch = example_inputs[0].shape[0]
     return all(before[n][0] == batch and after[n][0] == batch + 1 and before[n][1:] == after[n][1:]
                for n in acted_on)

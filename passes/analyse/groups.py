@@ -282,10 +282,13 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
             space.pin(ids, f"parameter {target} has channels on several dims")
 
     # Every id's unit, resolved once: unit numbers are the roots renumbered 0..U-1 in id order.
-    root_of_id = space.roots(np.arange(space.size, dtype=np.int64))
-    roots_sorted, unit_of_id = np.unique(root_of_id, return_inverse=True)
+    # (A root is an id, so its rank among the roots is a running count: no sort of millions of ids.)
+    all_ids = np.arange(space.size, dtype=np.int64)
+    root_of_id = space.roots(all_ids)
+    is_root = root_of_id == all_ids
+    unit_of_id = (np.cumsum(is_root) - 1)[root_of_id]
     pinned_ids, pin_codes = space.pinned()
-    pinned_unit = np.zeros(len(roots_sorted), dtype=bool)
+    pinned_unit = np.zeros(int(is_root.sum()), dtype=bool)
     pinned_unit[unit_of_id[pinned_ids]] = True
 
     def units(ids: np.ndarray) -> np.ndarray:
@@ -398,11 +401,16 @@ def _producers_of_units(space, unit_of_id):
 def _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, producers_of_unit) -> dict[str, set[str]]:
     """Every pin reason -> the modules whose output channels it pinned (a unit is pinned for the
     reasons of all of its ids)."""
-    out: dict[str, set[str]] = {space.reasons[c]: set() for c in np.unique(pin_codes).tolist()}
-    pairs = np.unique(unit_of_id[pinned_ids] * max(len(space.reasons), 1) + pin_codes)
-    for u, c in zip((pairs // max(len(space.reasons), 1)).tolist(), (pairs % max(len(space.reasons), 1)).tolist()):
-        if u in producers_of_unit:
-            out[space.reasons[c]] |= producers_of_unit[u]
+    used = np.nonzero(np.bincount(pin_codes, minlength=len(space.reasons)))[0]
+    out: dict[str, set[str]] = {space.reasons[c]: set() for c in used.tolist()}
+    units = unit_of_id[pinned_ids]
+    produced = np.zeros(int(unit_of_id.max()) + 1 if len(unit_of_id) else 0, dtype=bool)
+    produced[np.fromiter(producers_of_unit, dtype=np.int64, count=len(producers_of_unit))] = True
+    mine = produced[units]  # only the units that some module produces have producers to name
+    n = max(len(space.reasons), 1)
+    pairs = np.unique(units[mine] * n + pin_codes[mine])  # (unit, reason) pairs, once each
+    for u, c in zip((pairs // n).tolist(), (pairs % n).tolist()):
+        out[space.reasons[c]] |= producers_of_unit[u]
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+import itertools
 import numbers
 import operator
 
@@ -22,7 +23,7 @@ from ..capture.trace import is_tensor_meta, tensor_meta
 from ..capture.inplace import is_inplace, may_alias
 from ..gate.insert import GATES, MASKS, mask_index, site_groups
 from ..attach import PLAN_KEY, plan_of, set_plan
-from ..plan import Axis, Plan
+from ..plan import Axis, Plan, removed_mask
 from ..analyse.sections import network_depth
 from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
 from ..capture.trace import NodeFailure, propagate_shapes
@@ -96,7 +97,7 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
 
 
 def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, stage):
-    gm = copy.deepcopy(gated)
+    gm = _copy_sharing_tensors(gated, plan)
     removed_sections = set(removed_sections) & set(plan.sections)  # earlier shrinks removed the rest
     theta = _unit_theta(gm, plan)
 
@@ -107,18 +108,20 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
     removed_units = _keep_tensors_nonempty(plan, alive, removed_units, theta)
     for u in decided - removed_units:  # kept only so no tensor is empty: it still counts as removed,
         theta[u] = 0.0  # so its consumers read it with zero weight (not with its sub-threshold theta)
+    gone = removed_mask(removed_units)  # what Axis.keep reads fastest
 
-    _slice_modules(gm, plan, removed_units, slices, stage)
+    _slice_modules(gm, plan, gone, slices, stage)
     stage[0] = "slicing parameters"
-    _slice_params(gm, plan, removed_units, slices)
+    _slice_params(gm, plan, gone, slices)
+    _unshare_tensors(gm, gated)  # before anything writes into a tensor (folding the gates)
     stage[0] = "rewriting size arguments"
-    _rewrite_calls(gm, plan, removed_units)
+    _rewrite_calls(gm, plan, gone)
     new_plan = plan.restrict(removed_units, removed_sections, set(), set())
     stage[0] = "slicing the gates" if keep_gates else "folding the gates into the weights"
     if keep_gates:
         _slice_gates(gm, plan, new_plan, removed_units, slices)
     else:
-        _fold_gates(gm, plan, new_plan, removed_units, theta)
+        _fold_gates(gm, plan, new_plan, gone, theta)
 
     stage[0] = "removing dead code"
     eliminate_dead_code(gm)
@@ -136,10 +139,38 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
         new_plan = replace(new_plan, sites={k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})},
                            groups={k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})})
     stage[0] = "checking the shrunk graph's shapes"
-    _check_shapes(gm, plan, removed_units)
+    _check_shapes(gm, plan, gone)
     set_plan(gm, replace(new_plan, depth=network_depth(gm),
                          kept_anyway=frozenset(plan.kept_anyway | (decided - removed_units))))
     return gm
+
+
+def _copy_sharing_tensors(gated, plan) -> fx.GraphModule:
+    """A deep copy of `gated` that still holds gated's parameters and buffers (and plan): most
+    tensors are about to be sliced into new ones, so copying them first would be wasted;
+    `_unshare_tensors` copies the others."""
+    memo = {id(plan): plan}  # read, and replaced at the end
+    for t in itertools.chain(gated.parameters(), gated.buffers()):
+        memo[id(t)] = t
+    return copy.deepcopy(gated, memo)
+
+
+def _unshare_tensors(gm, gated) -> None:
+    """Give `gm` its own copy of every tensor it still shares with `gated` (a tensor held by several
+    modules stays one tensor, as a deep copy keeps it)."""
+    theirs = {id(t) for t in itertools.chain(gated.parameters(), gated.buffers())}
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t):
+        if id(t) not in copies:
+            copies[id(t)] = copy.deepcopy(t)
+        return copies[id(t)]
+
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers, module.__dict__):
+            for name, t in list(table.items()):
+                if isinstance(t, torch.Tensor) and id(t) in theirs:
+                    table[name] = own(t)
 
 
 def _unit_theta(gm, plan) -> dict[int, float]:
@@ -192,15 +223,17 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
     """No tensor may lose all of its channels: keep its most probable unit (its gate, if 0, is
     folded into the consumers as zero weights, so the function is unchanged)."""
     removed = set(removed)
+    gone = removed_mask(removed)
     axes = [a for name, ax in plan.node_axes.items() if name in alive
             for a in (ax if isinstance(ax, tuple) else (ax,)) if a is not None]
     changed = True
     while changed:
         changed = False
         for ax in axes:
-            if len(ax.units) and np.isin(ax.units, list(removed)).all():
+            if len(ax.units) and not len(ax.keep(gone)):
                 best = max(set(ax.units.tolist()), key=lambda u: theta.get(u, 1.0))
                 removed.discard(best)
+                gone[best] = False
                 changed = True
     return removed
 
@@ -227,9 +260,12 @@ def _slice_modules(gm, plan, removed, slices, stage):
 
 
 def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared: dict | None = None) -> nn.Module:
-    new = copy.deepcopy(module)
+    sliced_params = rule.params(module) if rule.params else {}
+    # The tensors about to be replaced by their slices are not worth copying first.
+    replaced = [getattr(module, p, None) for p in sliced_params]
+    new = copy.deepcopy(module, {id(t): t for t in replaced if isinstance(t, torch.Tensor)})
     shared = {} if shared is None else shared
-    for pname, dims in (rule.params(module) if rule.params else {}).items():
+    for pname, dims in sliced_params.items():
         t = getattr(module, pname, None)
         if t is None:
             continue
@@ -244,10 +280,12 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
         data = t.detach()
         for d, axis in dims.items():
             data = data.index_select(d, keep[axis].to(data.device))
+        if not dims:
+            data = data.clone()  # index_select made a new tensor; without one, copy
         if isinstance(t, nn.Parameter):
-            sliced = nn.Parameter(data.clone(), requires_grad=t.requires_grad)
+            sliced = nn.Parameter(data, requires_grad=t.requires_grad)
         else:
-            sliced = data.clone()
+            sliced = data
         setattr(new, pname, sliced)
         shared[id(t)] = (t, kept, sliced)  # `t` kept alive so that its id is not reused
     if rule.resize:
@@ -270,7 +308,7 @@ def _slice_params(gm, plan, removed, slices):
         t = getattr(owner, leaf, None)
         if t is None:
             continue
-        data = t.detach().index_select(ax.dim, torch.as_tensor(keep, device=t.device)).clone()
+        data = t.detach().index_select(ax.dim, torch.as_tensor(keep, device=t.device))  # a new tensor
         if isinstance(t, nn.Parameter):
             slices[target] = {ax.dim: torch.as_tensor(keep)}
         setattr(owner, leaf, nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data)
