@@ -73,12 +73,15 @@ class Section:
 
 @dataclass
 class MaskSite:
-    """A mixing consumer's input (conv/linear) where a gated channel is read: the mask goes here."""
+    """Where a gated channel is read by an op that combines channels: a mixing consumer's input
+    (conv/linear: kind "input", the mask multiplies it), or a norm over the channel dim (kind "norm":
+    its statistics are taken over the active channels)."""
 
     name: str
     node: str
     arg: int
     axis: Axis
+    kind: str = "input"
 
 
 @dataclass

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .channels import Layout
+from .ops import attention_heads
 
 aten = torch.ops.aten
 
@@ -411,22 +412,42 @@ MODULE_RULES[nn.GroupNorm] = Rule(
     params=lambda m: {"weight": {0: "ch"}, "bias": {0: "ch"}}, resize=_gn_resize)
 
 
-def _layer_norm_analyse(ctx, normalized_ndim: int):
+def _layer_norm_analyse(ctx):
+    """LayerNorm/RMSNorm over the last dim. Over the channel dim, removing a channel would change the
+    statistics every other channel is normalised by; so in the gated model the norm takes them over
+    the active channels only (a "norm" site, passes/gate/modules.py): then removing a channel gives
+    exactly the same network, and the norm is per-channel for its weight and bias."""
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
-    if lay.dim is not None and lay.dim >= ndim - normalized_ndim:
-        # Removing a channel changes the mean and variance every other channel is normalised by.
-        ctx.pin(lay, "LayerNorm normalises over the channel dim")
-    return lay
+    normalized = len(ctx.module.normalized_shape)
+    if lay.dim is None or lay.dim < ndim - normalized:
+        return lay  # channels on a dim it does not normalise: per-position statistics, untouched
+    if normalized > 1:
+        ctx.pin(lay, "LayerNorm normalises over the channel dim and other dims together")
+        return lay
+    ch = ctx.axis("ch", ctx.module.normalized_shape[0])
+    ctx.space.union(along(ctx, x, ndim - 1), ch)
+    ctx.normalise_over(0, ndim - 1)
+    return ctx.normalize(lay.ids, ndim - 1)
 
 
-MODULE_RULES[nn.LayerNorm] = Rule(analyse=lambda ctx: _layer_norm_analyse(ctx, len(ctx.module.normalized_shape)))
-MODULE_RULES[nn.RMSNorm] = Rule(analyse=lambda ctx: _layer_norm_analyse(ctx, len(ctx.module.normalized_shape)))
+def _layer_norm_resize(m, sizes):
+    m.normalized_shape = (sizes["ch"],)
+
+
+_norm_rule = Rule(analyse=_layer_norm_analyse, resize=_layer_norm_resize,
+                  params=lambda m: {p: {0: "ch"} for p in ("weight", "bias") if getattr(m, p, None) is not None})
+MODULE_RULES[nn.LayerNorm] = _norm_rule
+MODULE_RULES[nn.RMSNorm] = _norm_rule
 
 
 def _layer_norm_fn(ctx):
-    shape = ctx.arg(1, "normalized_shape")
-    return _layer_norm_analyse(ctx, len(shape) if isinstance(shape, (tuple, list)) else 1)
+    """An F.layer_norm that capture could not lift into a module (its weight is computed in the graph)."""
+    x, shape = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    if lay.dim is not None and lay.dim >= ndim - (len(shape) if isinstance(shape, (tuple, list)) else 1):
+        ctx.pin(lay, "layer_norm with computed weights normalises over the channel dim")
+    return lay
 
 
 FUNCTION_RULES[F.layer_norm] = Rule(analyse=_layer_norm_fn)
@@ -701,7 +722,10 @@ def _expand(ctx):
     in_shape = ctx.shape_of(x)
     if lay.dim is not None and in_shape[lay.dim] == 1 and ctx.out_shape[lay.dim + pad] > 1:
         ctx.pin(lay, "expand across the channel dim")
-    return Layout(lay.ids.reshape((1,) * pad + lay.ids.shape), None if lay.dim is None else lay.dim + pad)
+    ids = lay.ids.reshape((1,) * pad + lay.ids.shape)
+    if lay.dim is None:  # a parameter (a class token): its channels are where its ids vary
+        return ctx.normalize(ids, None)
+    return Layout(ids, lay.dim + pad)
 
 
 METHOD_RULES["expand"] = Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True)
@@ -847,6 +871,25 @@ _register(FUNCTION_RULES, (torch.narrow, torch.unbind, torch.movedim, torch.move
                            torch.t, torch.as_strided, torch.diagonal, torch.tensor_split), Rule(analyse=None, alias=True))
 _register(FUNCTION_RULES, (F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout),
           Rule(analyse=None, linear=True, alias=True, random=True))
+
+
+# --------------------------------------------------------------------------- attention
+def _attention_heads(ctx):
+    """attention_heads(q, k, v, head_dim): each head (its q, k and v channels, and the output
+    channels it writes) is one unit; heads never mix, so removing one removes only its own slices."""
+    q, k, v, head_dim = (ctx.arg(i, n) for i, n in enumerate(("q", "k", "v", "head_dim")))
+    if not isinstance(head_dim, int):
+        raise Unsupported("attention head size computed at run time")
+    cdim = len(ctx.shape_of(q)) - 1
+    ids = [along(ctx, t, cdim) for t in (q, k, v)]
+    if len({len(i) for i in ids}) != 1 or len(ids[0]) % head_dim:
+        raise Unsupported("q, k and v of different widths")
+    for h in range(0, len(ids[0]), head_dim):
+        ctx.space.union_all(np.concatenate([i[h:h + head_dim] for i in ids]))
+    return channel_layout(ids[2], len(ctx.out_shape), cdim)
+
+
+FUNCTION_RULES[attention_heads] = Rule(analyse=_attention_heads, nonlinear=True)
 
 
 # --------------------------------------------------------------------------- ATen overloads

@@ -78,7 +78,14 @@ class RuleContext(CallArgs):
         """This node mixes the channels of input `arg_index` along `dim`: a mask site."""
         from ..rules import along
 
-        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim)))
+        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim), "input"))
+
+    def normalise_over(self, arg_index: int, dim: int):
+        """This node normalises input `arg_index` over `dim` (LayerNorm): in the gated model it takes its
+        statistics over the active channels only, so that removing a channel changes nothing else."""
+        from ..rules import along
+
+        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim), "norm"))
 
 
 class ChannelWalker:
@@ -89,7 +96,7 @@ class ChannelWalker:
         self.layouts: dict[fx.Node, object] = {}
         self.module_ids: dict[tuple[str, str], np.ndarray] = {}
         self.param_ids: dict[str, np.ndarray] = {}
-        self.sites: list[tuple[str, int, int, np.ndarray]] = []
+        self.sites: list[tuple[str, int, int, np.ndarray, str]] = []  # (node, arg, dim, ids, kind)
         self.pin_sites: dict[str, set[str]] = defaultdict(set)
 
     def run(self):
@@ -359,10 +366,10 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
 
     sites = {}
     gated = {u for g in groups.values() for u in g.units}
-    for node, arg, dim, ids in w.sites:
+    for node, arg, dim, ids, kind in w.sites:
         ax = Axis(dim, units(ids))
         if any(int(u) in gated for u in ax.units):
-            sites[_unique(f"{node}_in{arg}", sites)] = MaskSite(f"{node}_in{arg}", node, arg, ax)
+            sites[_unique(f"{node}_in{arg}", sites)] = MaskSite(f"{node}_in{arg}", node, arg, ax, kind)
     for name, site in sites.items():
         site.name = name
 

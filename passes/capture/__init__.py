@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .attention import split_attention
 from .export import ExportError, export_graph, user_frame
 from .lift import lift_layers
 from .trace import TraceError, _as_tuple, propagate_shapes, trace
@@ -43,7 +44,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
                 f"control flow on tensor values (torch.where, torch.cond), or (fx path) either {fx_fix}") from None
         propagate_shapes(gm, example_inputs)
         gm.train(model.training)
-    if lift_layers(gm):
+    if lift_layers(gm) + split_attention(gm):
         propagate_shapes(gm, example_inputs)
     return gm, path
 

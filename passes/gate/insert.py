@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .modules import ChannelGate, ChannelMask, SectionGate
+from .modules import ChannelGate, ChannelMask, SectionGate, gate_norm
 
 from ..plan import Plan
 
@@ -52,8 +52,12 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphM
 
     for name, site in plan.sites.items():
         used = site_groups(plan, site.axis.units)
-        getattr(gm, MASKS)[name] = ChannelMask(mask_index(plan, site.axis.units, used), site.axis.dim)
         consumer = nodes[site.node]
+        if site.kind == "norm":  # the norm itself takes the gates: statistics over active channels
+            gate_norm(gm.get_submodule(consumer.target), mask_index(plan, site.axis.units, used))
+            consumer.args = (consumer.args[0], *[z[g] for g in used])
+            continue
+        getattr(gm, MASKS)[name] = ChannelMask(mask_index(plan, site.axis.units, used), site.axis.dim)
         with gm.graph.inserting_before(consumer):
             masked = gm.graph.call_module(f"{MASKS}.{name}", (consumer.args[site.arg], *[z[g] for g in used]))
         consumer.update_arg(site.arg, masked)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..rules import MODULE_RULES
+
 
 def straight_through(theta: torch.Tensor) -> torch.Tensor:
     """z ~ Bernoulli(theta) forward; d z / d theta = 1 backward (biased, one pass, low variance)."""
@@ -113,14 +115,88 @@ class ChannelMask(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[self.dim] = -1
-        if zs[0].ndim == 2:  # per-example samples: rows are the batch (dim 0 of x)
-            table = torch.cat([zs[0].new_ones(zs[0].shape[0], 1), *zs], dim=1)
-            shape[0] = x.shape[0]
-            return x * table[:, self.index].to(x.dtype).view(shape)
-        table = torch.cat([zs[0].new_ones(1), *zs])
-        return x * table[self.index].to(x.dtype).view(shape)
+        return x * channel_values(x, zs, self.index, self.dim).to(x.dtype)
 
     def extra_repr(self):
         return f"dim={self.dim}, channels={self.index.numel()}"
+
+
+def channel_values(x: torch.Tensor, zs, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per channel position of `x` along `dim`: 1 where no gate acts, else its unit's z; shaped to
+    broadcast against x (one row per example for per-example samples)."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    if zs[0].ndim == 2:  # per-example samples: rows are the batch (dim 0 of x)
+        table = torch.cat([zs[0].new_ones(zs[0].shape[0], 1), *zs], dim=1)
+        shape[0] = x.shape[0]
+        return table[:, index].view(shape)
+    return torch.cat([zs[0].new_ones(1), *zs])[index].view(shape)
+
+
+class _ActiveChannelNorm:
+    """A LayerNorm/RMSNorm over the channel dim that takes its statistics over the active channels
+    only: weighted by z in training (samples in {0, 1}; theta gets a gradient through them), over the
+    channels with theta > 0 in eval. So it computes exactly what the norm computes on the channels
+    that are kept, and removing the others changes nothing (rules.py, _layer_norm_analyse).
+
+    The gated model's own norm module becomes this subclass in place (`gate_norm`), so its parameters
+    keep their names; shrink turns it back (`ungate_norm`). With every z = 1 in eval mode it is the
+    plain norm, bit for bit."""
+
+    plain: type
+
+    def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+        w = channel_values(x, zs, self.vps_index, x.ndim - 1)
+        if not self.training:
+            # eval: z is theta; a channel is in the statistics while it is there at all (theta > 0),
+            # as in the model shrink makes (its consumers read it scaled by theta, folded in)
+            if bool((w > 0).all()):
+                return self.plain.forward(self, x)
+            w = (w > 0).to(w.dtype)
+        dtype = x.dtype
+        x, w = x.float(), w.float()
+        count = w.sum(-1, keepdim=True).clamp_min(1e-12)
+        if self.plain is nn.LayerNorm:
+            mean = (x * w).sum(-1, keepdim=True) / count
+            y = (x - mean) * torch.rsqrt(((x - mean).square() * w).sum(-1, keepdim=True) / count + self.eps)
+        else:
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            y = x * torch.rsqrt((x.square() * w).sum(-1, keepdim=True) / count + eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        if getattr(self, "bias", None) is not None:
+            y = y + self.bias.float()
+        return y.to(dtype)
+
+
+class ActiveLayerNorm(_ActiveChannelNorm, nn.LayerNorm):
+    plain = nn.LayerNorm
+
+
+class ActiveRMSNorm(_ActiveChannelNorm, nn.RMSNorm):
+    plain = nn.RMSNorm
+
+
+_ACTIVE = {nn.LayerNorm: ActiveLayerNorm, nn.RMSNorm: ActiveRMSNorm}
+GATED_NORMS = tuple(_ACTIVE.values())
+for _plain, _active in _ACTIVE.items():  # the same channel rule and facts as the norm itself
+    MODULE_RULES[_active] = MODULE_RULES[_plain]
+
+
+def gate_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    """Make `norm` (in place) take its statistics over the channels whose z `index` picks."""
+    if type(norm) in _ACTIVE:
+        norm.__class__ = _ACTIVE[type(norm)]
+    norm.register_buffer("vps_index", index.long().to(_device_of(norm)), persistent=False)
+
+
+def ungate_norm(norm: nn.Module) -> None:
+    """The plain norm again (what a shrunk model holds)."""
+    if isinstance(norm, _ActiveChannelNorm):
+        norm.__class__ = norm.plain
+    norm._buffers.pop("vps_index", None)
+
+
+def _device_of(m: nn.Module) -> torch.device:
+    t = next(iter(m.parameters()), None)
+    return t.device if t is not None else torch.device("cpu")

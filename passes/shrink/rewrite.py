@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..capture.trace import is_tensor_meta, tensor_meta
 from ..capture.inplace import is_inplace, may_alias
 from ..gate.insert import GATES, MASKS, mask_index, site_groups
+from ..gate.modules import GATED_NORMS, gate_norm, ungate_norm
 from ..attach import PLAN_KEY, plan_of, set_plan
 from ..plan import Axis, Plan, removed_mask
 from ..analyse.sections import network_depth
@@ -136,7 +137,10 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
     if not keep_gates:
         new_plan = replace(new_plan, sites={}, groups={}, sections={})
     else:
-        new_plan = replace(new_plan, sites={k: s for k, s in new_plan.sites.items() if k in getattr(gm, MASKS, {})},
+        gated_norms = {n.name for n in gm.graph.nodes if n.op == "call_module" and len(n.args) > 1
+                       and isinstance(gm.get_submodule(n.target), GATED_NORMS)}
+        new_plan = replace(new_plan, sites={k: s for k, s in new_plan.sites.items()
+                                            if k in getattr(gm, MASKS, {}) or s.node in gated_norms},
                            groups={k: g for k, g in new_plan.groups.items() if k in getattr(gm, GATES, {})})
     stage[0] = "checking the shrunk graph's shapes"
     _check_shapes(gm, plan, gone)
@@ -487,6 +491,10 @@ def _fold_gates(gm, plan, new_plan, removed, theta):
     mask_nodes = _nodes_calling(gm, MASKS)
     folded, weights = set(), {}  # weights: id -> scale folded in (a weight tied between modules: once)
     for name, site in plan.sites.items():
+        if site.kind == "norm" and site.node in nodes:  # a plain norm again, over the kept channels
+            ungate_norm(gm.get_submodule(nodes[site.node].target))
+            nodes[site.node].args = nodes[site.node].args[:1]
+            continue
         mask = mask_nodes.get(name)
         if mask is None:
             continue
@@ -540,7 +548,17 @@ def _slice_gates(gm, plan, new_plan, removed, slices):
         if keep:
             old.theta = nn.Parameter(old.theta.detach()[keep].clone())
             slices[f"{GATES}.{g.name}.theta"] = {0: torch.as_tensor(keep)}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for name, site in plan.sites.items():
+        if site.kind == "norm" and site.node in nodes:
+            norm = gm.get_submodule(nodes[site.node].target)
+            units = site.axis.restrict(removed).units
+            used = site_groups(new_plan, units)
+            ungate_norm(norm)
+            if used:
+                gate_norm(norm, mask_index(new_plan, units, used))
+            nodes[site.node].args = (nodes[site.node].args[0], *[gate_node[g] for g in used])
+            continue
         mask = mask_nodes.get(name)
         if mask is None:
             continue

@@ -1,0 +1,92 @@
+"""Attention as graph ops whose heads are prunable units.
+
+nn.MultiheadAttention is one opaque call whose inner width is tied to its embedding width, so it
+would pin the residual stream it reads. `split_attention` rewrites a self-attention call into
+in-projection (nn.Linear) -> chunk into q, k, v -> `attention_heads` -> out-projection (nn.Linear).
+Then the stream (in-projection inputs, out-projection outputs) and the heads prune independently.
+
+`attention_heads(q, k, v, head_dim)` splits the channel dim into heads of `head_dim`, runs scaled
+dot-product attention per head and joins the heads again. Its rule (rules.py) makes each head one
+unit: the head's q, k and v channels and the out-projection columns it feeds go together. Removing a
+head removes rows of the in-projection and columns of the out-projection; `head_dim` stays, so the
+head count follows from the tensor's width and no argument needs rewriting.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..ops import attention_heads
+
+
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _splittable(node: fx.Node, m: nn.MultiheadAttention) -> bool:
+    """Self-attention without masks, biases on k/v, dropout or returned weights: what attention_heads computes."""
+    q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+    plain = (q is k is v and _arg(node, 3, "key_padding_mask") is None and _arg(node, 5, "attn_mask") is None
+             and not _arg(node, 7, "is_causal", False) and m._qkv_same_embed_dim and m.bias_k is None
+             and not m.add_zero_attn and m.dropout == 0.0)
+    if not plain:
+        return False
+    for user in node.users:  # only the attention output may be read; the weights must go unused
+        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
+            return False
+        if user.args[1] == 1 and user.users:
+            return False
+    return True
+
+
+def _linear(weight: nn.Parameter, bias) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def split_attention(gm: fx.GraphModule) -> int:
+    """Rewrite every splittable nn.MultiheadAttention call of `gm` (in place); returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if type(m) is not nn.MultiheadAttention or not _splittable(node, m):
+            continue
+        holder = nn.Module()  # takes the attention module's place: in_proj and out_proj layers
+        holder.in_proj = _linear(m.in_proj_weight, m.in_proj_bias)
+        holder.out_proj = _linear(m.out_proj.weight, m.out_proj.bias)
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
+        g = gm.graph
+        with g.inserting_before(node):
+            x = node.args[0] if node.args else node.kwargs["query"]
+            if not m.batch_first:
+                x = g.call_method("transpose", (x, 0, 1))
+            qkv = g.call_module(f"{node.target}.in_proj", (x,))
+            chunks = g.call_method("chunk", (qkv, 3, -1))
+            q, k, v = (g.call_function(operator.getitem, (chunks, i)) for i in range(3))
+            out = g.call_function(attention_heads, (q, k, v, m.head_dim))
+            out = g.call_module(f"{node.target}.out_proj", (out,))
+            if not m.batch_first:
+                out = g.call_method("transpose", (out, 0, 1))
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(out)
+            g.erase_node(user)
+        g.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done

@@ -1,0 +1,94 @@
+"""Transformer streams and attention heads: LayerNorm over gated channels takes its statistics over
+the active channels (so removing a channel is exact), and each attention head is one unit."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+import vpsurgery
+from vpsurgery.passes.gate.modules import ActiveLayerNorm, ActiveRMSNorm, gate_norm, ungate_norm
+from conftest import assert_invariant, n_params, random_hard_gates, realistic_stats, rel_err
+
+
+@pytest.mark.parametrize("cls", [nn.LayerNorm, nn.RMSNorm])
+def test_a_norm_over_active_channels_is_the_norm_of_the_kept_channels(cls):
+    torch.manual_seed(0)
+    norm = cls(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.uniform_(-1, 1)
+    keep = torch.tensor([0, 2, 3, 6])
+    small = cls(4)
+    small.load_state_dict({k: v[keep] for k, v in norm.state_dict().items()})
+    x = torch.randn(5, 3, 8) * 3 + 1
+    z = torch.zeros(8)
+    z[keep] = 1.0
+    gate_norm(norm, torch.arange(1, 9))  # position i reads z[i]
+    assert isinstance(norm, (ActiveLayerNorm, ActiveRMSNorm))
+    for mode in (norm.train, norm.eval):
+        mode()
+        assert torch.allclose(norm(x, z)[..., keep], small(x[..., keep]), atol=1e-5)
+    norm.eval()
+    ungate_norm(norm)
+    assert type(norm) is cls and "vps_index" not in dict(norm.named_buffers())
+
+
+def _vit():
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                             num_classes=10)
+
+
+def test_vit_stream_and_heads_are_prunable_and_shrink_exactly():
+    torch.manual_seed(0)
+    model = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    assert plan.prunable_share >= 0.95, vpsurgery.report(gated)
+    heads = [g for g in plan.groups.values() if any(p.endswith("self_attention.in_proj") for p in g.producers)]
+    assert len(heads) == 2 and all(len(g.units) == 4 for g in heads)  # one unit per head, per layer
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-5
+    gates = vpsurgery.gates(gated)
+    gates[heads[0].name].set([1, 0, 1, 0])  # two heads of layer 0 go
+    random_hard_gates(gated, 0.3, 0, sections=0.0)
+    gates[heads[0].name].set([1, 0, 1, 0])
+    small = assert_invariant(gated, x, smaller=True)
+    attn = small.get_submodule(heads[0].producers[0])
+    assert attn.out_features == 3 * 16 * 2  # q, k, v rows of two heads of 16
+    assert small.get_submodule("encoder.ln").normalized_shape[0] < 64  # the stream itself shrank
+    # the gated model trains: every gate gets a gradient
+    gated.train()
+    gated(x).logsumexp(-1).mean().backward()
+    assert all(g.theta.grad is not None for g in vpsurgery.gates(gated).values())
+
+
+def test_convnext_stream_is_prunable_exact_and_the_gated_model_is_the_model():
+    torch.manual_seed(0)
+    model = realistic_stats(torchvision.models.convnext_tiny(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gated = vpsurgery.wrap(model, (x,))
+    assert vpsurgery.plan(gated).prunable_share >= 0.95
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) == 0.0  # every z = 1: the plain norms, bit for bit
+    random_hard_gates(gated, 0.5, 3, sections=0.3)
+    small = assert_invariant(gated, x, smaller=True)
+    assert n_params(small) < 0.5 * n_params(model)
+
+
+def test_keep_gates_shrink_keeps_the_norms_gated_and_exact():
+    torch.manual_seed(0)
+    model = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    gated = vpsurgery.wrap(model, (x,))
+    random_hard_gates(gated, 0.25, 4, sections=0.0, keep_one=True)
+    ref = gated.eval()(x)
+    again = vpsurgery.shrink(gated, keep_gates=True).eval()
+    assert any(isinstance(m, ActiveLayerNorm) for m in again.modules())
+    with torch.no_grad():
+        assert rel_err(again(x), ref) <= 1e-5
+        assert rel_err(vpsurgery.shrink(again)(x), ref) <= 1e-5
