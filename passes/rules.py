@@ -666,7 +666,30 @@ def _reshape(ctx):
     ids = ctx.space.materialize(Layout(lay.ids, lay.dim), in_shape)
     ids = ids[:1] if lead else ids
     target = ((1,) if lead else ()) + out_shape[lead:]
-    return ctx.normalize(ids.reshape(target), None)
+    ids = ids.reshape(target)
+    return ctx.normalize(ids, _head_dim(ctx, ids))
+
+
+_ATTENTION_OPS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", F.scaled_dot_product_attention,
+                  aten.matmul.default, aten.bmm.default, aten.scaled_dot_product_attention.default}
+
+
+def _head_dim(ctx, ids) -> int | None:
+    """A reshape that splits the channel dim into (..., heads, head_size) for attention keeps the heads
+    as the units (each head goes whole); any other split keeps the innermost dim (finest units).
+    Only granularity depends on this choice: normalize couples the other dims, so either is exact."""
+    roots = ctx.space.roots(ids)
+    varying = [d for d in range(ids.ndim) if ids.shape[d] > 1 and not (roots == roots.take([0], axis=d)).all()]
+    if len(varying) < 2:
+        return None
+    frontier, seen = [ctx.node], set()
+    for _ in range(8):  # q.permute(...).unbind(0) -> [q_norm] -> q * scale -> q @ k.T: a few hops
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+        if any(u.target in _ATTENTION_OPS for u in frontier if u.op in ("call_function", "call_method")):
+            return varying[-2]
+        frontier = [u for u in frontier if u.op != "output"]
+    return None
 
 
 def _rewrite_sizes(ctx):
@@ -863,11 +886,11 @@ METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"
 # The walker pins what reaches these (as for unknown ops); their facts are still known.
 MODULE_RULES[nn.MultiheadAttention] = Rule(analyse=None, nonlinear=True, layer=2)  # in and out projections
 MODULE_RULES[nn.Unflatten] = Rule(analyse=None, linear=True, alias=True)
-_register(METHOD_RULES, ("view_as", "reshape_as", "expand_as", "narrow", "t", "unbind", "as_strided", "movedim",
+_register(METHOD_RULES, ("view_as", "reshape_as", "expand_as", "narrow", "t", "as_strided", "movedim",
                          "moveaxis", "select", "diagonal", "unfold", "real", "imag", "view_as_real", "type", "cpu",
                          "cuda", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "T", "mT"),
           Rule(analyse=None, alias=True))
-_register(FUNCTION_RULES, (torch.narrow, torch.unbind, torch.movedim, torch.moveaxis, torch.select, torch.detach,
+_register(FUNCTION_RULES, (torch.narrow, torch.movedim, torch.moveaxis, torch.select, torch.detach,
                            torch.t, torch.as_strided, torch.diagonal, torch.tensor_split), Rule(analyse=None, alias=True))
 _register(FUNCTION_RULES, (F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout),
           Rule(analyse=None, linear=True, alias=True, random=True))
@@ -890,6 +913,77 @@ def _attention_heads(ctx):
 
 
 FUNCTION_RULES[attention_heads] = Rule(analyse=_attention_heads, nonlinear=True)
+
+
+def _padded(ctx, value, nd):
+    lay = ctx.layout_of(value)
+    return lay.ids.reshape((1,) * (nd - lay.ids.ndim) + lay.ids.shape)
+
+
+def _varies(ids, d) -> bool:
+    return ids.shape[d] > 1
+
+
+def _matmul(ctx):
+    """a @ b over (..., n, k) x (..., k, m): batch dims broadcast (the heads of attention scores are
+    one channel with their q and k), rows come from a and columns from b. A contraction over channels
+    (x @ W with channels along k) mixes them: pinned, as the table has no mask site for it."""
+    a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
+    if not (ctx.is_tensor(a) and ctx.is_tensor(b)) or min(len(ctx.shape_of(a)), len(ctx.shape_of(b))) < 2:
+        raise Unsupported("matmul with a vector")
+    nd = len(ctx.out_shape)
+    A, B = _padded(ctx, a, nd), _padded(ctx, b, nd)
+    if _varies(A, nd - 1) or _varies(B, nd - 2):
+        raise Unsupported("matmul contracts over a channel dim")
+    if _varies(A, nd - 2) and _varies(B, nd - 1):
+        raise Unsupported("matmul with channels on both rows and columns")
+    batch_a, batch_b = A[..., :1, :1], B[..., :1, :1]
+    ctx.space.union(*np.broadcast_arrays(batch_a, batch_b))
+    out = A[..., :, :1] if _varies(A, nd - 2) else B[..., :1, :] if _varies(B, nd - 1) else batch_a
+    return ctx.normalize(np.ascontiguousarray(np.broadcast_to(
+        out, np.broadcast_shapes(batch_a.shape[:-2] + out.shape[-2:], batch_b.shape[:-2] + out.shape[-2:]))), None)
+
+
+_matmul_rule = Rule(analyse=_matmul)
+_register(FUNCTION_RULES, (operator.matmul, torch.matmul, torch.bmm), _matmul_rule)
+_register(METHOD_RULES, ("matmul", "bmm"), _matmul_rule)
+
+
+def _sdpa(ctx):
+    """scaled_dot_product_attention(q, k, v, attn_mask): q, k, v (and a per-head mask) share their
+    batch dims (heads); v's last dim passes to the output. The contraction over q and k's last dim
+    and the weighting over tokens must not carry channels."""
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    mask = ctx.arg(3, "attn_mask")
+    nd = len(ctx.out_shape)
+    Q, K, V = (_padded(ctx, t, nd) for t in (q, k, v))
+    M = _padded(ctx, mask, nd) if isinstance(mask, fx.Node) and ctx.is_tensor(mask) else None
+    if any(_varies(t, d) for t, dims in ((Q, (nd - 1, nd - 2)), (K, (nd - 1, nd - 2)), (V, (nd - 2,)))
+           for d in dims) or (M is not None and (_varies(M, nd - 1) or _varies(M, nd - 2))):
+        raise Unsupported("attention over a channel dim")
+    batches = [t[..., :1, :1] for t in (Q, K, V) + ((M,) if M is not None else ())]
+    arrays = np.broadcast_arrays(*batches)
+    for other in arrays[1:]:
+        ctx.space.union(arrays[0], other)
+    out = np.broadcast_to(V[..., :1, :], arrays[0].shape[:-1] + V.shape[-1:])
+    return ctx.normalize(np.ascontiguousarray(out), None)
+
+
+_register(FUNCTION_RULES, (F.scaled_dot_product_attention,), Rule(analyse=_sdpa, nonlinear=True))
+
+
+def _unbind(ctx):
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    dim = _nd(ctx.arg(1, "dim", 0), ndim)
+    if lay.dim == dim:
+        ctx.pin(lay, "unbind along the channel dim")
+    ids = ctx.space.materialize(lay, ctx.shape_of(x), dims=[dim])
+    return tuple(ctx.normalize(ids.take(i, axis=dim), None) for i in range(ids.shape[dim]))
+
+
+_register(FUNCTION_RULES, (torch.unbind,), Rule(analyse=_unbind, alias=True))
+METHOD_RULES["unbind"] = Rule(analyse=_unbind, alias=True)
 
 
 # --------------------------------------------------------------------------- ATen overloads
@@ -929,6 +1023,9 @@ _aten("flatten.using_ints squeeze.dim squeeze.dims squeeze unsqueeze", _plain_re
 _aten("unflatten.int", Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True))
 _aten("expand", Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True))
 _aten("cat", Rule(analyse=_cat))
+_aten("matmul bmm", _matmul_rule)
+_aten("scaled_dot_product_attention", Rule(analyse=_sdpa, nonlinear=True))
+_aten("unbind.int", Rule(analyse=_unbind, alias=True))
 _aten("split.Tensor split_with_sizes chunk", _split_rule)
 _aten("sym_size.int sym_numel _assert_tensor_metadata _assert_scalar", Rule(analyse=_metadata))
 

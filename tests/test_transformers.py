@@ -8,6 +8,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
+import torch.nn.functional as F
+
 import vpsurgery
 from vpsurgery.passes.gate.modules import ActiveLayerNorm, ActiveRMSNorm, gate_norm, ungate_norm
 from conftest import assert_invariant, n_params, random_hard_gates, realistic_stats, rel_err
@@ -92,3 +94,79 @@ def test_keep_gates_shrink_keeps_the_norms_gated_and_exact():
     with torch.no_grad():
         assert rel_err(again(x), ref) <= 1e-5
         assert rel_err(vpsurgery.shrink(again)(x), ref) <= 1e-5
+
+
+# ---------------------------------------------------------------- attention written with q/k/v Linears
+class FusedQKV(nn.Module):
+    """One qkv Linear reshaped to heads (timm's style), with a per-head q norm."""
+
+    def __init__(self, dim, heads, fused):
+        super().__init__()
+        self.h, self.d, self.fused = heads, dim // heads, fused
+        self.scale = self.d ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.q_norm(q)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SeparateQKV(nn.Module):
+    """Separate q, k, v Linears viewed as heads (Hugging Face's style)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def heads(self, t, B, N):
+        return t.view(B, N, self.h, self.d).transpose(1, 2)
+
+    def forward(self, x):
+        B, N, _ = x.size()
+        q, k, v = (self.heads(f(x), B, N) for f in (self.q, self.k, self.v))
+        w = torch.matmul(q, k.transpose(-1, -2)) / (self.d ** 0.5)
+        o = torch.matmul(w.softmax(-1), v).transpose(1, 2).contiguous().view(B, N, self.h * self.d)
+        return self.o(o)
+
+
+class Block(nn.Module):
+    """Embed, pre-norm attention and MLP with residuals, a mean-pooled head."""
+
+    def __init__(self, attn, dim=32):
+        super().__init__()
+        self.emb, self.n1, self.attn, self.n2 = nn.Linear(8, dim), nn.LayerNorm(dim), attn, nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.emb(x)
+        x = x + self.attn(self.n1(x))
+        x = x + self.mlp(self.n2(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("attention", [lambda: FusedQKV(32, 4, fused=True), lambda: FusedQKV(32, 4, fused=False),
+                                       lambda: SeparateQKV(32, 4)], ids=["fused-sdpa", "fused-matmul", "separate"])
+def test_heads_of_linear_attention_are_units_and_shrink_exactly(attention):
+    torch.manual_seed(0)
+    model = Block(attention()).eval()
+    x = torch.randn(2, 6, 8)
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    heads = [g for g in plan.groups.values() if g.producers[0] in ("attn.qkv", "attn.q")]
+    assert len(heads) == 1 and len(heads[0].units) == 4, vpsurgery.report(gated)
+    assert plan.prunable_share > 0.95
+    gates = vpsurgery.gates(gated)
+    random_hard_gates(gated, 0.4, 1, sections=0.0)
+    gates[heads[0].name].set([0, 1, 1, 0])
+    small = assert_invariant(gated, x, smaller=True)
+    first = small.get_submodule(heads[0].producers[0])
+    assert first.out_features == (3 if isinstance(model.attn, FusedQKV) else 1) * 2 * 8  # two heads of 8
