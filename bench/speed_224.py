@@ -85,9 +85,10 @@ def report(rows: list[dict], meta: dict) -> str:
         f"`vpsurgery.wrap` + `shrink` on every torchvision classification model (`weights=None, "
         f"num_classes=10`, eval), input 2 x 3 x {SIZE} x {SIZE}, after zeroing ceil({RATIO:.0%}) of the units "
         "of every channel group. One run per model, each in a fresh process (nothing warmed up), slowest first. "
-        "Wrap runs the model on the example input a few times (trace, shape propagation, a second batch "
-        "size to find the batch dim) and shrink once more (it checks the shrunk graph's shapes), so large "
-        "models are dominated by their own forward passes.",
+        "Wrap runs the model on the example input two or three times (trace, shape propagation after "
+        "rewriting in-place ops or lifting functional layers; the second batch size that finds the batch dim "
+        "runs on the meta device for heavy models) and shrink once more (it checks the shrunk graph's shapes), "
+        "so large models are dominated by their own forward passes.",
         "",
         table(rows),
         "",
@@ -113,16 +114,18 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(one(args.one)))
         return 0
+    names = args.models or common.torchvision_models()
     rows = []
-    for name in args.models or common.torchvision_models():
+    for name in names:
         r = run_isolated(name, args.timeout, args.threads)
         rows.append(r)
         print(f"{name:24s} " + (r["error"] if "error" in r else
                                 f"wrap {r['wrap']:.2f}s shrink {r['shrink']:.2f}s total {r['total']:.2f}s"), flush=True)
-    text = report(rows, {"date": common.today(), "machine": common.machine(), "note": args.note})
+        done = "" if len(rows) == len(names) else f" Partial: {len(rows)} of {len(names)} models so far."
+        text = report(rows, {"date": common.today(), "machine": common.machine(), "note": args.note + done})
+        if not args.no_write:  # after every model, so that a cut-off sweep still leaves its table
+            common.write_atomic(args.out, text)
     print(text)
-    if not args.no_write:
-        common.write_atomic(args.out, text)
     return 0
 
 
