@@ -986,6 +986,48 @@ _register(FUNCTION_RULES, (torch.unbind,), Rule(analyse=_unbind, alias=True))
 METHOD_RULES["unbind"] = Rule(analyse=_unbind, alias=True)
 
 
+def _roll(ctx):
+    """roll shifts positions along its dims: channels pass through unless it rolls the channel dim."""
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    dims = ctx.arg(2, "dims", None)
+    dims = range(ndim) if dims is None or dims == [] else (dims if isinstance(dims, (tuple, list)) else (dims,))
+    if any(lay.ids.shape[_nd(d, ndim)] > 1 for d in dims):
+        raise Unsupported("roll along the channel dim")
+    return lay
+
+
+_register(FUNCTION_RULES, (torch.roll,), Rule(analyse=_roll, linear=True))
+METHOD_RULES["roll"] = Rule(analyse=_roll, linear=True)
+
+
+def _created_like(ctx):
+    """new_zeros, zeros_like, ...: a new tensor; only its input's dtype and device are read."""
+    return ctx.space.background(len(ctx.out_shape), "created from sizes or constants")
+
+
+_register(FUNCTION_RULES, (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like),
+          Rule(analyse=_created_like))
+_register(METHOD_RULES, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), Rule(analyse=_created_like))
+
+
+def _gather_rows(ctx):
+    """table[index] with one index tensor on dim 0 (a relative position bias table, an embedding):
+    every gathered row holds the same channels, so the rows are coupled; the channels stay on the
+    table's other dims (its heads)."""
+    table, indices = ctx.arg(0, "input"), ctx.arg(1, "indices")
+    if not (isinstance(indices, (tuple, list)) and len(indices) == 1 and isinstance(indices[0], fx.Node)):
+        raise Unsupported("indexing with several index tensors")
+    lay, index = ctx.layout_of(table), indices[0]
+    if lay.dim == 0 or (ctx.layout_of(index) is not None and ctx.layout_of(index).dim is not None):
+        raise Unsupported("indexing that selects channels")
+    ids = ctx.space.materialize(lay, ctx.shape_of(table), dims=[0])
+    for i in range(1, ids.shape[0]):
+        ctx.space.union(ids[0], ids[i])
+    ids = ids[:1].reshape((1,) * len(ctx.shape_of(index)) + ids.shape[1:])
+    return ctx.normalize(ids, None)
+
+
 # --------------------------------------------------------------------------- ATen overloads
 # A torch.export graph (passes/capture/export.py) calls ATen overloads. Their layers are lifted into
 # modules (passes/capture/lift.py) and slices become getitem; every other op below takes its
@@ -1023,6 +1065,13 @@ _aten("flatten.using_ints squeeze.dim squeeze.dims squeeze unsqueeze", _plain_re
 _aten("unflatten.int", Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True))
 _aten("expand", Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True))
 _aten("cat", Rule(analyse=_cat))
+_aten("roll", Rule(analyse=_roll, linear=True))
+_aten("new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like", Rule(analyse=_created_like))
+_aten("index.Tensor", Rule(analyse=_gather_rows))
+_aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor gt.Scalar gt.Tensor le.Scalar le.Tensor "
+      "ge.Scalar ge.Tensor masked_fill.Scalar masked_fill.Tensor where.self", Rule(analyse=_elementwise))
+_aten("lift_fresh_copy", Rule(analyse=_same, linear=True))
+_aten("fill_.Scalar fill_.Tensor zero_", Rule(analyse=_created_like))
 _aten("matmul bmm", _matmul_rule)
 _aten("scaled_dot_product_attention", Rule(analyse=_sdpa, nonlinear=True))
 _aten("unbind.int", Rule(analyse=_unbind, alias=True))

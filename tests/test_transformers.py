@@ -170,3 +170,21 @@ def test_heads_of_linear_attention_are_units_and_shrink_exactly(attention):
     small = assert_invariant(gated, x, smaller=True)
     first = small.get_submodule(heads[0].producers[0])
     assert first.out_features == (3 if isinstance(model.attn, FusedQKV) else 1) * 2 * 8  # two heads of 8
+
+
+def test_swin_is_captured_where_its_attention_is_visible_and_shrinks_exactly():
+    """torchvision's Swin hides attention in a function fx keeps whole; auto capture sees that it
+    pins channels and takes torch.export's graph, where every op inside has a rule."""
+    torch.manual_seed(0)
+    model = realistic_stats(torchvision.models.swin_t(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    assert plan.capture == "export" and plan.prunable_share >= 0.95, vpsurgery.report(gated)
+    heads = [g for g in plan.groups.values() if g.producers[0].endswith("attn.qkv")]
+    assert len(heads) == 12 and sorted({len(g.units) for g in heads}) == [3, 6, 12, 24]  # per block
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    random_hard_gates(gated, 0.4, 0, sections=0.3)
+    small = assert_invariant(gated, x, smaller=True)
+    assert n_params(small) < 0.6 * n_params(model)

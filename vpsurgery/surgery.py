@@ -13,6 +13,7 @@ from vpsurgery.passes.analyse.sections import add_residuals as _add_residuals
 from vpsurgery.passes.attach import plan_of, set_plan
 from vpsurgery.passes.capture.inplace import make_out_of_place
 from vpsurgery.passes.capture import capture as _capture
+from vpsurgery.passes.capture.trace import TraceError
 from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes
 from vpsurgery.passes.gate.insert import GATES, insert_gates
 from vpsurgery.passes.gate.modules import ChannelMask, Gate
@@ -37,25 +38,44 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     holds one is not removable, and the report lists them.
 
     `capture`: how the model becomes a graph. 'fx' (torch.fx symbolic trace), 'export' (torch.export,
-    non-strict: for models with Python control flow fx cannot trace), or 'auto' (the default: fx,
-    and export where fx fails). `vpsurgery.plan(gated).capture` says which one was used.
+    non-strict: for models with Python control flow fx cannot trace), or 'auto' (the default: fx;
+    export where fx fails, or where an op fx cannot see into pins channels and export's graph lets
+    more of them go). `vpsurgery.plan(gated).capture` says which one was used.
     """
     _refuse_wrapped(model)
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
-    gm, path = _capture(model, example_inputs, how=capture, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    if make_out_of_place(gm):  # so that the gated and the shrunk graphs train, whatever is removed
-        propagate_shapes(gm, example_inputs)
-    original_depth = network_depth(gm)
-    if add_residuals and not _add_residuals(gm):
-        warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
-                      f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "
-                      f"the model is unchanged", stacklevel=2)
-    plan = analyse(gm, example_inputs, channels=channels, sections=sections, original_depth=original_depth,
-                   exclude=exclude)
-    plan = dataclasses.replace(plan, capture=path)
+
+    def analysed(how):
+        gm, path = _capture(model, example_inputs, how=how, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        if make_out_of_place(gm):  # so that the gated and the shrunk graphs train, whatever is removed
+            propagate_shapes(gm, example_inputs)
+        original_depth = network_depth(gm)
+        if add_residuals and not _add_residuals(gm):
+            warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
+                          f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "
+                          f"the model is unchanged", stacklevel=3)
+        plan = analyse(gm, example_inputs, channels=channels, sections=sections, original_depth=original_depth,
+                       exclude=exclude)
+        return gm, dataclasses.replace(plan, capture=path)
+
+    gm, plan = analysed(capture)
+    if capture == "auto" and plan.capture == "fx" and _blind_spots(plan):
+        # fx kept a call it cannot see into (a function wrapped as a leaf, an op without a rule) that
+        # pins channels: torch.export records the ops inside it; keep whichever sees more
+        try:
+            other = analysed("export")
+        except TraceError:
+            other = None
+        if other is not None and other[1].prunable_share > plan.prunable_share:
+            gm, plan = other
     insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm
+
+
+def _blind_spots(plan: Plan) -> bool:
+    """Did an op without a channel rule pin some layer's output channels?"""
+    return any(u.reason.startswith("no channel rule") and u.producers for u in plan.unprunable)
 
 
 def _refuse_wrapped(model) -> None:

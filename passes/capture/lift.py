@@ -122,8 +122,10 @@ _BN_ATEN = Lift(("input", "weight", "bias", "running_mean", "running_var", "trai
 _LN = Lift(("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5},
            ("weight", "bias"), _layer_norm)
 _RMS = Lift(("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None}, ("weight",), _rms_norm)
+_LN_ATEN = Lift(_LN.names + ("cudnn_enable",), {**_LN.defaults, "cudnn_enable": True}, _LN.tensors, _layer_norm)
 _GN = Lift(("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5},
            ("weight", "bias"), _group_norm)
+_GN_ATEN = Lift(_GN.names + ("cudnn_enabled",), {**_GN.defaults, "cudnn_enabled": True}, _GN.tensors, _group_norm)
 _PRELU = Lift(("input", "weight"), {}, ("weight",), _prelu)
 
 
@@ -144,9 +146,9 @@ LIFTS: dict[Callable, Lift] = {
     aten.conv_transpose3d.input: _CONV_T[3],
     F.linear: _LINEAR, aten.linear.default: _LINEAR,
     F.batch_norm: _BN_F, aten.batch_norm.default: _BN_ATEN,
-    F.layer_norm: _LN, aten.layer_norm.default: _LN,
+    F.layer_norm: _LN, aten.layer_norm.default: _LN_ATEN,
     F.rms_norm: _RMS, aten.rms_norm.default: _RMS,
-    F.group_norm: _GN, aten.group_norm.default: _GN,
+    F.group_norm: _GN, aten.group_norm.default: _GN_ATEN,
     F.prelu: _PRELU, aten.prelu.default: _PRELU,
     F.dropout: _dropout_lift(nn.Dropout), aten.dropout.default: _dropout_lift(nn.Dropout, "train", False),
     aten.dropout_.default: _dropout_lift(nn.Dropout, "train", True),
