@@ -81,11 +81,16 @@ def random_assignment(gates: dict, seed: int) -> tuple[int, int, int, int]:
 
 
 def run_one(name: str, seed: int = 0) -> dict:
+    model, x = common.build(name, seed)
+    return measure(model, x, {"model": name}, seed)
+
+
+def measure(model, x, r: dict, seed: int = 0, capture: str = "auto") -> dict:
+    """The trial on one built (eval-mode) model and its example input; fills and returns `r`.
+    Also used by bench/coverage_zoo.py on timm / segmentation / detection models."""
     import vpsurgery
     from vpsurgery.passes.analyse.sections import network_depth
 
-    r: dict = {"model": name}
-    model, x = common.build(name, seed)
     r["input"] = "x".join(map(str, x.shape))
     r["params0"] = common.n_params(model)
     # big models (vit_h_14, regnet_y_128gf: ~2.5 GB of weights): wait until other jobs sharing the
@@ -101,14 +106,16 @@ def run_one(name: str, seed: int = 0) -> dict:
 
     t = time.perf_counter()
     try:
-        gm = vpsurgery.wrap(model, (x,))
+        gm = vpsurgery.wrap(model, (x,), capture=capture)
     except Exception as e:  # noqa: BLE001
         r["trace_err"] = short(e, 240)
+        r["trace_line"] = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
         r["trace_tb"] = traceback.format_exc(limit=-3)
         return r
     r["wrap_s"] = time.perf_counter() - t
     gm.eval()
     plan = vpsurgery.plan(gm)
+    r["capture"] = plan.capture
     r["groups"] = len(plan.groups)
     r["units"] = sum(len(g.units) for g in plan.groups.values())
     r["share"] = float(plan.prunable_share)
@@ -222,6 +229,17 @@ HEADER = ("| model | input | traced | channel groups | gated units | prunable sh
           "sections removed (got/asked) | gate-identity err | shrink err | params before→after | "
           "FLOPs before→after | depth before→after | wrap | shrink | top unprunable reasons |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|")
+
+
+def write_report(path, text: str) -> None:
+    """Rewrite `path` with `text`, keeping any <!-- key:begin --> ... <!-- key:end --> blocks (with the
+    heading line just above each) that other scripts put in the file, e.g. bench/coverage_zoo.py's."""
+    import re
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    blocks = [m.group(0) for m in re.finditer(r"(?:^#+ [^\n]*\n\n)?<!-- (\w+):begin -->.*?<!-- \1:end -->",
+                                              old, re.S | re.M)]
+    common.write_atomic(path, text.rstrip("\n") + "".join("\n\n" + b for b in blocks) + "\n")
 
 
 def render(results: list[dict], planned: int, meta: dict) -> str:
@@ -375,11 +393,11 @@ def main(argv=None) -> int:
                 tqdm.write("    " + r[key].strip().splitlines()[-1][:300])
         order = {n: i for i, n in enumerate(names)}
         results.sort(key=lambda r: order[r["model"]])
-        common.write_atomic(args.out, render(results, len(names), meta))
+        write_report(args.out, render(results, len(names), meta))
         gc.collect()
     order = {n: i for i, n in enumerate(names)}
     results.sort(key=lambda r: order[r["model"]])
-    common.write_atomic(args.out, render(results, len(names), meta))
+    write_report(args.out, render(results, len(names), meta))
     traced = sum(1 for r in results if "wrap_s" in r)
     exact = sum(1 for r in results if status(r) == "exact")
     print(f"\n{traced}/{len(results)} traced, {exact}/{len(results)} exact within {EXACT_TOL:g}; wrote {args.out}")
