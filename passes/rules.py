@@ -752,6 +752,7 @@ def _expand(ctx):
 
 
 METHOD_RULES["expand"] = Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True)
+METHOD_RULES["expand_as"] = Rule(analyse=lambda ctx: _elementwise(ctx), linear=True, alias=True)  # takes the other's size: couples with it
 
 
 def _cat(ctx):
@@ -766,6 +767,22 @@ def _cat(ctx):
 
 
 _register(FUNCTION_RULES, (torch.cat, torch.concat, torch.concatenate), Rule(analyse=_cat))
+
+
+def _stack(ctx):
+    """stack: the inputs side by side along a new dim; where they meet they are one channel."""
+    tensors = ctx.arg(0, "tensors")
+    ndim = len(ctx.out_shape)
+    dim = _nd(ctx.arg(1, "dim", 0), ndim)
+    parts = [np.expand_dims(ctx.layout_of(t).ids, dim) for t in tensors]
+    arrays = np.broadcast_arrays(*parts)
+    for other in arrays[1:]:  # a stack then a sum (split attention) must take the same channels
+        ctx.space.union(arrays[0], other)
+    prefer = next((ctx.layout_of(t).dim for t in tensors if ctx.layout_of(t).dim is not None), None)
+    return ctx.normalize(np.ascontiguousarray(arrays[0]), None if prefer is None else prefer + (prefer >= dim))
+
+
+_register(FUNCTION_RULES, (torch.stack,), Rule(analyse=_stack))
 
 
 def _split(ctx):
@@ -820,6 +837,8 @@ def _getitem(ctx):
         return lay[index]
     if not ctx.is_tensor(src):
         return None
+    if isinstance(index, fx.Node) and ctx.is_tensor(index):  # table[idx]: rows gathered by a tensor
+        return _gather_rows(ctx, table=src, index=index)
     shape = ctx.shape_of(src)
     index = index if isinstance(index, tuple) else (index,)
     mapping, full_index = _index_dims(index, len(shape))
@@ -854,8 +873,8 @@ def _getitem_rewrite(ctx):
     """A slice or index along the channel dim selects from the kept positions only."""
     src, index = ctx.arg(0), ctx.arg(1)
     keep = ctx.keep_of(src)
-    if keep is None or not ctx.is_tensor(src):
-        return
+    if keep is None or not ctx.is_tensor(src) or (isinstance(index, fx.Node) and ctx.is_tensor(index)):
+        return  # rows gathered by a tensor index: the channels on the other dims were sliced at the source
     dim = ctx.axis_dim_of(src)
     single = not isinstance(index, tuple)
     mapping, full_index = _index_dims(index if not single else (index,), len(ctx.old_in_shape))
@@ -886,7 +905,7 @@ METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"
 # The walker pins what reaches these (as for unknown ops); their facts are still known.
 MODULE_RULES[nn.MultiheadAttention] = Rule(analyse=None, nonlinear=True, layer=2)  # in and out projections
 MODULE_RULES[nn.Unflatten] = Rule(analyse=None, linear=True, alias=True)
-_register(METHOD_RULES, ("view_as", "reshape_as", "expand_as", "narrow", "t", "as_strided", "movedim",
+_register(METHOD_RULES, ("view_as", "reshape_as", "narrow", "t", "as_strided", "movedim",
                          "moveaxis", "select", "diagonal", "unfold", "real", "imag", "view_as_real", "type", "cpu",
                          "cuda", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "T", "mT"),
           Rule(analyse=None, alias=True))
@@ -1011,14 +1030,16 @@ _register(FUNCTION_RULES, (torch.zeros_like, torch.ones_like, torch.empty_like, 
 _register(METHOD_RULES, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), Rule(analyse=_created_like))
 
 
-def _gather_rows(ctx):
+def _gather_rows(ctx, table=None, index=None):
     """table[index] with one index tensor on dim 0 (a relative position bias table, an embedding):
     every gathered row holds the same channels, so the rows are coupled; the channels stay on the
     table's other dims (its heads)."""
-    table, indices = ctx.arg(0, "input"), ctx.arg(1, "indices")
-    if not (isinstance(indices, (tuple, list)) and len(indices) == 1 and isinstance(indices[0], fx.Node)):
-        raise Unsupported("indexing with several index tensors")
-    lay, index = ctx.layout_of(table), indices[0]
+    if table is None:  # aten.index.Tensor(table, [index])
+        table, indices = ctx.arg(0, "input"), ctx.arg(1, "indices")
+        if not (isinstance(indices, (tuple, list)) and len(indices) == 1 and isinstance(indices[0], fx.Node)):
+            raise Unsupported("indexing with several index tensors")
+        index = indices[0]
+    lay = ctx.layout_of(table)
     if lay.dim == 0 or (ctx.layout_of(index) is not None and ctx.layout_of(index).dim is not None):
         raise Unsupported("indexing that selects channels")
     ids = ctx.space.materialize(lay, ctx.shape_of(table), dims=[0])
@@ -1065,6 +1086,7 @@ _aten("flatten.using_ints squeeze.dim squeeze.dims squeeze unsqueeze", _plain_re
 _aten("unflatten.int", Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True))
 _aten("expand", Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True))
 _aten("cat", Rule(analyse=_cat))
+_aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
 _aten("new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like", Rule(analyse=_created_like))
 _aten("index.Tensor", Rule(analyse=_gather_rows))

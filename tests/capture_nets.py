@@ -51,6 +51,7 @@ class FunctionalNet(nn.Module):
         x = x + self.bn1(self.conv1(x))
         x = self.bn2(self.conv2(x))
         x = F.relu(F.group_norm(self.dw(x), 4, self.gn_w, self.gn_b))
+        x = F.instance_norm(x, weight=self.gn_w, bias=self.gn_b) + x
         x = x.mean((2, 3))
         x = F.layer_norm(x, (x.shape[-1],), self.ln_w, self.ln_b)
         x = F.dropout(x, 0.1, self.training)

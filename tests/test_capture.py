@@ -13,7 +13,7 @@ import vpsurgery
 from capture_nets import DataDependent, FunctionalNet, TinyYolo
 from conftest import assert_invariant, n_params, random_hard_gates, realistic_stats, rel_err
 
-LIFTED = (F.conv2d, F.batch_norm, F.linear, F.group_norm, F.layer_norm, F.dropout)
+LIFTED = (F.conv2d, F.batch_norm, F.linear, F.group_norm, F.layer_norm, F.dropout, F.instance_norm)
 
 
 def _calls(gm, kind):
@@ -28,6 +28,7 @@ def test_functional_layers_are_lifted_into_modules_that_share_the_parameters():
     assert not [n for n in gated.graph.nodes if n.op == "call_function" and n.target in LIFTED]
     assert len(_calls(gated, nn.Conv2d)) == 4 and len(_calls(gated, nn.BatchNorm2d)) == 3
     assert len(_calls(gated, nn.Linear)) == 1 and len(_calls(gated, nn.GroupNorm)) == 1
+    assert len(_calls(gated, nn.InstanceNorm2d)) == 1 and len(_calls(gated, nn.LayerNorm)) == 1
     # the parameters keep their names (a BatchNorm+act layer becomes a BatchNorm2d holding the act)
     keys = set(gated.state_dict())
     assert {"bn1.weight", "bn1.running_mean", "stem.weight", "conv1.bias"} <= keys

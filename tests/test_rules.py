@@ -585,6 +585,32 @@ def test_matmul_contracting_over_channels_pins():
     check_invariant(gm, X)
 
 
+class StackGather(nn.Module):
+    """Split-attention style stack+sum, an SE scale applied with expand_as, a bias gathered from a table."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.fc, self.out = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.table = nn.Parameter(torch.randn(9, 8))
+        self.register_buffer("idx", torch.randint(0, 9, (5,)))
+    def forward(self, x):
+        st = torch.stack([self.a(x), self.b(x)], dim=1)  # N, 2, C, H, W
+        y = st.sum(1)
+        w = torch.sigmoid(self.fc(y.mean((2,3), keepdim=True)))
+        y = y * w.expand_as(y)
+        bias = self.table[self.idx].mean(0)  # (C,)
+        y = y + bias.view(1, -1, 1, 1)
+        return self.out(y)
+
+def test_stack_expand_as_and_a_gathered_table_couple_channels_exactly():
+    gm = wrap(StackGather(), X)
+    group = group_of(gm, "a")
+    assert group is not None and set(group.producers) == {"a", "b", "fc"} and len(group.units) == 8
+    assert vpsurgery.plan(gm).param_axes["table"].dim == 1  # the table's columns go with the channels
+    check_invariant(gm, X)
+
+
 # ------------------------------------------------------------------------------------------ others
 class Pools(nn.Module):
     def __init__(self):

@@ -14,7 +14,7 @@ from ..plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
 from ..rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
 from .cost import call_macs
 
-MAX_PARAM_IDS = 1 << 21  # a parameter combined elementwise gets one id per element; cap the cost
+MAX_PARAM_IDS = 1 << 18  # a parameter read as a tensor gets one id per element; cap the cost (a ViT-B position table is 151k)
 
 
 def describe(node: fx.Node, modules) -> str:

@@ -81,6 +81,7 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModul
     _flat_outputs(graph, program.call_spec.out_spec)
     graph.set_codegen(fx.graph.CodeGen())  # plain positional inputs: what the other passes expect
     _slices_as_getitem(graph)
+    graph._tracer_cls, graph._tracer_extras = None, {}  # unpickling must not re-run export's tracer
     gm = fx.GraphModule(exported, graph, type(model).__name__)
     gm.graph.eliminate_dead_code(is_impure_node=_impure)
     gm.recompile()

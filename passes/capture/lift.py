@@ -105,6 +105,14 @@ def _group_norm(a, shape):
     return nn.GroupNorm(a["num_groups"], shape[1], eps=a["eps"], affine=affine)
 
 
+def _instance_norm(a, shape):
+    affine, stats = a["weight"] is not None, a["running_mean"] is not None
+    if affine != (a["bias"] is not None) or stats or not a["use_input_stats"]:
+        return None  # instance statistics always: what nn.InstanceNorm computes untracked
+    cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}.get(len(shape))
+    return cls(shape[1], eps=a["eps"], momentum=a["momentum"], affine=affine) if cls is not None else None
+
+
 def _prelu(a, shape):
     return nn.PReLU(a["weight"].numel())
 
@@ -127,6 +135,11 @@ _GN = Lift(("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "b
            ("weight", "bias"), _group_norm)
 _GN_ATEN = Lift(_GN.names + ("cudnn_enabled",), {**_GN.defaults, "cudnn_enabled": True}, _GN.tensors, _group_norm)
 _PRELU = Lift(("input", "weight"), {}, ("weight",), _prelu)
+_IN_F = Lift(("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+             {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
+              "momentum": 0.1, "eps": 1e-5}, ("running_mean", "running_var", "weight", "bias"), _instance_norm)
+_IN_ATEN = Lift(("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps",
+                 "cudnn_enabled"), {}, _IN_F.tensors, _instance_norm)
 
 
 def _dropout_lift(cls, train_name="training", inplace=None):
@@ -150,6 +163,7 @@ LIFTS: dict[Callable, Lift] = {
     F.rms_norm: _RMS, aten.rms_norm.default: _RMS,
     F.group_norm: _GN, aten.group_norm.default: _GN_ATEN,
     F.prelu: _PRELU, aten.prelu.default: _PRELU,
+    F.instance_norm: _IN_F, aten.instance_norm.default: _IN_ATEN,
     F.dropout: _dropout_lift(nn.Dropout), aten.dropout.default: _dropout_lift(nn.Dropout, "train", False),
     aten.dropout_.default: _dropout_lift(nn.Dropout, "train", True),
     F.dropout1d: _dropout_lift(nn.Dropout1d), F.dropout2d: _dropout_lift(nn.Dropout2d),
