@@ -59,7 +59,8 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         return gm, dataclasses.replace(plan, capture=path)
 
     gm, plan = analysed(capture)
-    if capture == "auto" and plan.capture == "fx" and _blind_spots(plan):
+    steered = bool(leaf_modules) or concrete_args is not None  # the user steers fx: stay with it
+    if capture == "auto" and plan.capture == "fx" and not steered and _blind_spots(plan):
         # fx kept a call it cannot see into (a function wrapped as a leaf, an op without a rule) that
         # pins channels: torch.export records the ops inside it; keep whichever sees more
         try:
