@@ -164,3 +164,21 @@ class DataDependent(nn.Module):
         if x.mean() > 0:  # the construct both capture paths refuse
             return self.a(x)
         return self.b(x)
+
+
+class TinyYoloClassifier(nn.Module):
+    """The detector's classifier variant: its layer list, then a head that pools only maps larger
+    than 1x1 (a Python branch on a shape: fx cannot trace it, torch.export can)."""
+
+    def __init__(self, w=8, classes=10):
+        super().__init__()
+        self.layers = nn.ModuleList([ConvBNAct(3, w, 3, 2), CSP(w, 2 * w), ConvBNAct(2 * w, 4 * w, 3, 2),
+                                     CSP(4 * w, 4 * w), nn.Dropout(0.1)])
+        self.fc = nn.Linear(4 * w, classes)
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        if x.shape[-1] > 1:
+            x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.flatten(1))

@@ -120,3 +120,25 @@ def test_a_model_neither_path_captures_gets_one_error_naming_the_line():
 def test_capture_argument_is_checked():
     with pytest.raises(ValueError, match="capture='jit'"):
         vpsurgery.wrap(FunctionalNet(), (torch.randn(1, 3, 16, 16),), capture="jit")
+
+
+def test_fit_trains_and_shrinks_an_exported_classifier_to_its_budget():
+    from torch.utils.data import DataLoader, TensorDataset
+    from capture_nets import TinyYoloClassifier
+
+    torch.manual_seed(0)
+    model = TinyYoloClassifier()
+    x = torch.randn(2, 3, 16, 16)
+    gated = vpsurgery.wrap(model, (x,))
+    assert vpsurgery.plan(gated).capture == "export"
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(256, 3, 16, 16, generator=g)
+    labels = (images[:, 0].mean((1, 2)) > 0).long()  # learnable: the sign of the first channel's mean
+    data = DataLoader(TensorDataset(images, labels), batch_size=32, shuffle=True, generator=g)
+    result = vpsurgery.fit(gated, data, epochs=8, target=0.5, per="params", device="cpu", progress=False,
+                           log=lambda line: None)
+    small = vpsurgery.shrink(result.model).eval()
+    kept = n_params(small) / result.dense_params
+    assert 0.4 <= kept <= 0.6, kept
+    with torch.no_grad():
+        assert rel_err(small(images[:8]), result.model.eval()(images[:8])) <= 1e-5
