@@ -47,7 +47,9 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
 
     def analysed(how):
         gm, path = _capture(model, example_inputs, how=how, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        if make_out_of_place(gm):  # so that the gated and the shrunk graphs train, whatever is removed
+        # out-of-place ops, so that the gated and the shrunk graphs train whatever is removed; shapes
+        # do not change, so only nodes it added without them need another run
+        if make_out_of_place(gm) and not _shapes_known(gm):
             propagate_shapes(gm, example_inputs)
         original_depth = network_depth(gm)
         if add_residuals and not _add_residuals(gm):
@@ -72,6 +74,10 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm
+
+
+def _shapes_known(gm: fx.GraphModule) -> bool:
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
 
 
 def _blind_spots(plan: Plan) -> bool:
