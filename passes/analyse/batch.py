@@ -26,7 +26,7 @@ def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> 
     bigger = [torch.cat([t, t[:1]]) for t in example_inputs]
     saved = {n: {k: n.meta[k] for k in ("tensor_meta", "type") if k in n.meta} for n in gm.graph.nodes}
     try:
-        _propagate(gm, bigger)
+        propagate_cheaply(gm, bigger)
         after = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
     except Exception:
         return False  # the batch size is baked in somewhere: one sample per minibatch is safe
@@ -40,16 +40,17 @@ def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> 
                for n in acted_on)
 
 
-def _propagate(gm: fx.GraphModule, inputs) -> None:
+def propagate_cheaply(gm: fx.GraphModule, inputs, *, internal: bool = False) -> None:
     """Shapes at `inputs`, on the meta device where the layers are heavy; for real where that fails
-    (an op without a meta kernel, a tensor made on the CPU inside forward, a value read as a number)."""
+    (an op without a meta kernel, a tensor made on the CPU inside forward, a value read as a number).
+    `internal`: as in propagate_shapes (a failure of the real run names the node)."""
     if _heavy(gm, inputs[0].shape[0]):
         try:
             _propagate_meta(gm, inputs)
             return
         except Exception:
             pass
-    propagate_shapes(gm, inputs)
+    propagate_shapes(gm, inputs, internal=internal)
 
 
 def _heavy(gm: fx.GraphModule, batch: int) -> bool:

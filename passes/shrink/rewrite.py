@@ -25,9 +25,10 @@ from ..gate.insert import GATES, MASKS, mask_index, site_groups
 from ..gate.modules import GATED_NORMS, gate_norm, ungate_norm
 from ..attach import PLAN_KEY, plan_of, set_plan
 from ..plan import Axis, Plan, removed_mask
+from ..analyse.batch import propagate_cheaply
 from ..analyse.sections import network_depth
 from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
-from ..capture.trace import NodeFailure, propagate_shapes
+from ..capture.trace import NodeFailure
 
 
 
@@ -605,7 +606,7 @@ def _check_shapes(gm, plan, removed):
     example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in plan.example]
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     try:
-        propagate_shapes(gm, [e.to(device) for e in example], internal=True)
+        propagate_cheaply(gm, [e.to(device) for e in example], internal=True)  # on meta for heavy models
     except NodeFailure as e:
         node = next(n for n in gm.graph.nodes if n.name == e.node)
         want = f"; the plan expects shape {expected[e.node]} there" if e.node in expected else ""
