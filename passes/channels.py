@@ -133,6 +133,19 @@ class ChannelSpace:
         pairs = np.unique(np.stack([a, b], axis=1), axis=0)
         return pairs[:, 0], pairs[:, 1]
 
+    def _pairs_along(self, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs of union(moved[0], moved[i]) for i = 1, 2, ..., in that order, at once."""
+        n = max(self._next, 1)
+        if n >= (1 << 31):
+            xs, ys = zip(*(self._pairs(moved[0], moved[i]) for i in range(1, moved.shape[0])))
+            return np.concatenate(xs), np.concatenate(ys)
+        moved = np.asarray(moved, dtype=np.int64)
+        keys = np.sort((moved[:1] * n + moved[1:]).reshape(moved.shape[0] - 1, -1), axis=1)
+        first = np.ones(keys.shape, dtype=bool)  # each row's distinct pairs, rows in order
+        first[:, 1:] = keys[:, 1:] != keys[:, :-1]
+        keys = keys[first]
+        return keys // n, keys % n
+
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Couple a[i] with b[i] (broadcast), pair by pair in lexicographic order."""
         self._merge_pairs(*self._pairs(a, b))
@@ -152,36 +165,26 @@ class ChannelSpace:
             self.union_all(row)
 
     def _merge_pairs(self, x: np.ndarray, y: np.ndarray) -> None:
-        """networkx's union(x[k], y[k]) for k in order. Pairs whose classes no earlier pair of the
-        batch touches merge independently, so they are linked together; a chain (one class met by
-        several pairs) is followed pair by pair."""
-        while len(x):
-            rx, ry = self._find(x), self._find(y)
-            live = rx != ry
-            if not live.all():
-                x, y, rx, ry = x[live], y[live], rx[live], ry[live]
-            if not len(x):
-                return
-            n = _independent_prefix(rx, ry)
-            if n >= 16:
-                self._link(rx[:n], ry[:n])
-            else:
-                n = min(len(x), 256)
-                for i, j in zip(x[:n].tolist(), y[:n].tolist()):
-                    self._merge_set([i, j])
-            x, y = x[n:], y[n:]
+        """networkx's union(x[k], y[k]) for k in order, exactly: same roots, same weights.
 
-    def _link(self, rx: np.ndarray, ry: np.ndarray) -> None:
-        """Merge the classes of roots rx[k], ry[k] (all distinct): the heavier root stays; between
-        equals, the first of the Python set {rx, ry} (networkx sorts that set by weight, stably)."""
-        wx, wy = self._weight[rx], self._weight[ry]
-        x_wins = wx > wy
-        tie = np.nonzero(wx == wy)[0]
-        if len(tie):
-            x_wins[tie] = [next(iter({a, b})) == a for a, b in zip(rx[tie].tolist(), ry[tie].tolist())]
-        root, other = np.where(x_wins, rx, ry), np.where(x_wins, ry, rx)
-        self._weight[root] += self._weight[other]
-        self._parent[other] = root
+        The pairs are taken to the classes they join (local numbering), merged there by
+        `_merge_local` (whole runs of merges at a time), and the outcome written back."""
+        x = np.asarray(x, dtype=np.int64).reshape(-1)
+        y = np.asarray(y, dtype=np.int64).reshape(-1)
+        if not len(x):
+            return
+        rx, ry = self._find(x), self._find(y)
+        live = rx != ry
+        if not live.any():
+            return
+        rx, ry = rx[live], ry[live]
+        nodes, inv = np.unique(np.concatenate([rx, ry]), return_inverse=True)
+        inv = inv.reshape(-1)
+        weight = self._weight[nodes]  # a copy
+        local = _merge_local(inv[:len(rx)], inv[len(rx):], weight, nodes)
+        moved = local != np.arange(len(nodes))
+        self._parent[nodes[moved]] = nodes[local[moved]]
+        self._weight[nodes[~moved]] = weight[~moved]
 
     def _merge_set(self, objects: list[int]) -> None:
         """networkx's UnionFind.union(*objects), exactly."""
@@ -210,9 +213,7 @@ class ChannelSpace:
         for d in varying:
             if d != keep:
                 moved = np.moveaxis(ids, d, 0)
-                # union(moved[0], moved[i]) for i = 1, 2, ...: their pairs, in that order, at once
-                xs, ys = zip(*(self._pairs(moved[0], moved[i]) for i in range(1, moved.shape[0])))
-                self._merge_pairs(np.concatenate(xs), np.concatenate(ys))
+                self._merge_pairs(*self._pairs_along(moved))
         for d in range(ids.ndim):
             if d != keep and ids.shape[d] > 1:
                 ids = ids.take([0], axis=d)
@@ -225,9 +226,116 @@ class ChannelSpace:
         return np.broadcast_to(layout.ids, target).copy()
 
 
-def _independent_prefix(rx: np.ndarray, ry: np.ndarray) -> int:
-    """How many leading pairs touch only roots that no earlier pair touches."""
-    flat = np.stack([rx, ry], axis=1).reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    repeat = order[1:][flat[order[1:]] == flat[order[:-1]]]  # later occurrences of a root
-    return int(repeat.min()) // 2 if len(repeat) else len(rx)
+def _first_of_pair(a: int, b: int) -> int:
+    """networkx's tie-break between two roots of equal weight: the first of the Python set {a, b}
+    (it sorts that set by weight, stably)."""
+    return next(iter({a, b}))
+
+
+def _merge_local(u: np.ndarray, v: np.ndarray, weight: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Merge classes 0..m-1 along the pairs (u[k], v[k]) in order k, as networkx's union does: the
+    heavier root stays, equals go to `_first_of_pair` of their `key`s (x side first). `weight` is
+    updated at the roots; returns each class's root.
+
+    Sequential in principle; done by rounds. In a round every class C takes the *run* of its
+    pending pairs that nothing else can interfere with: its first pair, and then each next one as
+    long as the other side is a class with no other pending pair (a leaf: a star absorbs its leaves
+    in one run). A run is then one cumulative sum: C's root changes only at a pair whose leaf
+    weighs at least as much as everything absorbed so far (which at least doubles the weight, so
+    this happens a few times per run), and those pairs are followed one by one. Runs of different
+    classes touch disjoint classes and no pair earlier than theirs is left touching them, so they
+    commute with every pair still pending. Pairs whose sides have become one class are dropped.
+    When rounds stop paying (chains), the rest is followed pair by pair."""
+    m = len(weight)
+    parent = np.arange(m)
+    while len(u):
+        n = len(u)
+        if n <= 32:
+            break
+        flat = np.stack([u, v], axis=1).reshape(-1)  # occurrence 2k: x side of pair k, 2k + 1: y side
+        degree = np.bincount(flat, minlength=m)
+        order = np.argsort(flat, kind="stable")  # by class, then by pair
+        cls, other = flat[order], flat[order ^ 1]
+        pair, x_side = order >> 1, (order & 1) == 0
+        head = np.nonzero(np.r_[True, cls[1:] != cls[:-1]])[0]
+        group = np.cumsum(np.r_[True, cls[1:] != cls[:-1]]) - 1
+        rank = np.arange(2 * n) - head[group]
+        first_pair = np.full(m, -1, dtype=np.int64)
+        first_pair[cls[head]] = pair[head]
+        leaf_other, leaf_self = degree[other] == 1, degree[cls] == 1
+        own_leaf = leaf_other & (~leaf_self | x_side)  # two leaves: the x side takes the pair
+        ready = ~leaf_other & ~leaf_self & x_side & (first_pair[other] == pair)  # first of both sides
+        ok = np.where(rank == 0, own_leaf | ready, own_leaf & own_leaf[head][group])
+        bad = np.where(ok, 2 * n, rank)
+        sel = np.nonzero(rank < np.minimum.reduceat(bad, head)[group])[0]
+        if len(sel) * 8 < n:
+            break
+        c, d, xs, g = cls[sel], other[sel], x_side[sel], group[sel]
+        wd = weight[d]
+        first = np.r_[True, g[1:] != g[:-1]]
+        cum = np.cumsum(wd)
+        before = cum - wd
+        before -= before[np.nonzero(first)[0]][np.cumsum(first) - 1]  # absorbed earlier in the run
+        before += weight[c]
+        heads = np.nonzero(first)[0]
+        run = np.cumsum(first) - 1
+        centre = c[heads]
+        root = centre.copy()  # each run's root, pair after pair
+        cand = np.nonzero(wd >= before)[0]  # where the root may change: a few per run
+        alone = np.bincount(run[cand], minlength=len(heads))[run[cand]] == 1
+        one = cand[alone]  # the run's only such pair: its root is still the centre's there
+        gain = wd[one] > before[one]
+        root[run[one[gain]]] = d[one[gain]]
+        tie = one[~gain]
+        if len(tie):
+            kc, kd = key[c[tie]].tolist(), key[d[tie]].tolist()
+            lost = np.array([_first_of_pair(a, b) != a if x else _first_of_pair(b, a) != a
+                             for a, b, x in zip(kc, kd, xs[tie].tolist())], dtype=bool)
+            root[run[tie[lost]]] = d[tie[lost]]
+        for i in cand[~alone].tolist():  # in order
+            r, di = run[i], d[i]
+            cur = root[r]
+            if wd[i] > before[i]:
+                root[r] = di
+            else:
+                a, b = (int(key[cur]), int(key[di])) if xs[i] else (int(key[di]), int(key[cur]))
+                if _first_of_pair(a, b) != key[cur]:
+                    root[r] = di
+        weight[root] = weight[centre] + np.add.reduceat(wd, heads)
+        parent[centre] = root
+        parent[d] = root[run]
+        done = np.ones(n, dtype=bool)
+        done[pair[sel]] = False
+        u, v = parent[u[done]], parent[v[done]]
+        live = u != v
+        u, v = u[live], v[live]
+    if len(u):
+        _merge_sequential(u, v, parent, weight, key)
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return parent
+        parent = up
+
+
+def _merge_sequential(u: np.ndarray, v: np.ndarray, parent: np.ndarray, weight: np.ndarray,
+                      key: np.ndarray) -> None:
+    """`_merge_local`'s pairs one by one (u, v: current roots in `parent`, which is updated)."""
+    par, w, k = parent.tolist(), weight.tolist(), key.tolist()
+
+    def find(i):
+        while par[i] != i:
+            par[i] = par[par[i]]
+            i = par[i]
+        return i
+
+    for a, b in zip(u.tolist(), v.tolist()):
+        a, b = find(a), find(b)
+        if a == b:
+            continue
+        if w[a] < w[b] or (w[a] == w[b] and _first_of_pair(k[a], k[b]) != k[a]):
+            a, b = b, a
+        par[b] = a
+        w[a] += w[b]
+    parent[:] = par
+    weight[:] = w
