@@ -690,3 +690,13 @@ def test_export_force_replaces_only_an_export(run, tmp_path):
     assert "notes.txt" in bad("export", str(run.dir), "--out", str(out), "--force")
     assert (out / "notes.txt").read_text() == "mine"
     assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_compress_takes_the_capture_path():
+    from vpsurgery.cli.parser import parse_args
+
+    base = ["compress", MODEL, "--data", "digits", "--out", "unused"]
+    assert parse_args(base).capture == "auto"
+    assert parse_args([*base, "--capture", "export"]).capture == "export"
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--capture", "jit"])

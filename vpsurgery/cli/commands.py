@@ -279,7 +279,7 @@ def cmd_compress(args) -> int:
     inputs = load_inputs(args)
     example = rd.example_batch(inputs.input_shape)
     log(f"tracing {inputs.spec} on input {inputs.input_shape}")
-    gated = vpsurgery.wrap(inputs.model, example)
+    gated = vpsurgery.wrap(inputs.model, example, capture=getattr(args, "capture", "auto"))
     log(vpsurgery.report(gated).splitlines()[0])
     _check_budget(gated, config, len(inputs.train))
     loaders = _loaders(inputs, args)

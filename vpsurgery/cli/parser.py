@@ -234,6 +234,9 @@ def _compress_parser(sub) -> argparse.ArgumentParser:
                    help=f"keep the last training checkpoint in DIR/{CHECKPOINTS}/ (default: deleted once the run "
                         "is complete; it is not needed to use the model)")
     p.add_argument("--download", action="store_true", help="download mnist/cifar10 into the data directory if absent")
+    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="how the model becomes a graph: torch.fx, torch.export, or auto (fx; export where fx "
+                        "cannot trace or sees less; default auto)")
     p.add_argument("--epochs", type=setting_type(FitConfig.__dataclass_fields__["epochs"]),
                    default=_default("epochs"), help=f"training epochs (default {_default('epochs')})")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="default 128")
