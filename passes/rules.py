@@ -678,6 +678,8 @@ def _head_dim(ctx, ids) -> int | None:
     """A reshape that splits the channel dim into (..., heads, head_size) for attention keeps the heads
     as the units (each head goes whole); any other split keeps the innermost dim (finest units).
     Only granularity depends on this choice: normalize couples the other dims, so either is exact."""
+    if sum(size > 1 for size in ids.shape) < 2:  # the common case (flatten, view to one channel dim)
+        return None
     roots = ctx.space.roots(ids)
     varying = [d for d in range(ids.ndim) if ids.shape[d] > 1 and not (roots == roots.take([0], axis=d)).all()]
     if len(varying) < 2:

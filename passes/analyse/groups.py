@@ -76,16 +76,17 @@ class RuleContext(CallArgs):
 
     def consume(self, arg_index: int, dim: int):
         """This node mixes the channels of input `arg_index` along `dim`: a mask site."""
-        from ..rules import along
-
-        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim), "input"))
+        self._site(arg_index, dim, "input")
 
     def normalise_over(self, arg_index: int, dim: int):
         """This node normalises input `arg_index` over `dim` (LayerNorm): in the gated model it takes its
         statistics over the active channels only, so that removing a channel changes nothing else."""
+        self._site(arg_index, dim, "norm")
+
+    def _site(self, arg_index: int, dim: int, kind: str):
         from ..rules import along
 
-        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim), "norm"))
+        self.w.sites.append((self.node.name, arg_index, dim, along(self, self.node.args[arg_index], dim), kind))
 
 
 class ChannelWalker:
