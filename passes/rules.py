@@ -671,6 +671,7 @@ def _reshape(ctx):
 
 
 _ATTENTION_OPS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", F.scaled_dot_product_attention,
+                  torch.einsum, torch.functional.einsum, aten.einsum.default,
                   aten.matmul.default, aten.bmm.default, aten.scaled_dot_product_attention.default}
 
 
@@ -993,6 +994,43 @@ def _sdpa(ctx):
 _register(FUNCTION_RULES, (F.scaled_dot_product_attention,), Rule(analyse=_sdpa, nonlinear=True))
 
 
+def _einsum(ctx):
+    """einsum("bhid,bhjd->bhij", q, k): a letter kept in the output is a dim the operands share
+    (broadcast, coupled where they meet); a contracted letter must not carry channels (it would mix
+    them), like matmul's k."""
+    equation, operands = ctx.arg(0, "equation"), ctx.node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = operands[0]
+    if not isinstance(equation, str) or "->" not in equation or "." in equation:
+        raise Unsupported("einsum without an explicit output or with an ellipsis")
+    inputs, out = equation.replace(" ", "").split("->")
+    inputs = inputs.split(",")
+    if len(inputs) != len(operands) or not all(isinstance(t, fx.Node) and ctx.is_tensor(t) for t in operands):
+        raise Unsupported("einsum over non-tensor operands")
+    letters = out + "".join(sorted({c for term in inputs for c in term} - set(out)))
+    arrays = []
+    for term, t in zip(inputs, operands):
+        ids = ctx.layout_of(t).ids
+        if len(term) != ids.ndim or len(set(term)) != len(term):
+            raise Unsupported("einsum with a repeated index")
+        if any(ids.shape[i] > 1 for i, c in enumerate(term) if c not in out):
+            raise Unsupported("einsum contracts over a channel dim")
+        # dims in `letters` order, size 1 where the operand has no such letter
+        arrays.append(np.transpose(ids.reshape(ids.shape + (1,) * (len(letters) - len(term))),
+                                   [term.index(c) if c in term else len(term) + sum(1 for d in letters[:k] if d not in term)
+                                    for k, c in enumerate(letters)]))
+    arrays = np.broadcast_arrays(*arrays)
+    for other in arrays[1:]:
+        ctx.space.union(arrays[0], other)
+    ids = arrays[0]
+    for _ in range(len(letters) - len(out)):  # the contracted letters: no channels there
+        ids = ids.take(0, axis=-1)
+    return ctx.normalize(np.ascontiguousarray(ids), None)
+
+
+_register(FUNCTION_RULES, (torch.einsum, torch.functional.einsum), Rule(analyse=_einsum))
+
+
 def _unbind(ctx):
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
@@ -1097,6 +1135,7 @@ _aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor gt.Scalar gt.
 _aten("lift_fresh_copy", Rule(analyse=_same, linear=True))
 _aten("fill_.Scalar fill_.Tensor zero_", Rule(analyse=_created_like))
 _aten("matmul bmm", _matmul_rule)
+_aten("einsum", Rule(analyse=_einsum))
 _aten("scaled_dot_product_attention", Rule(analyse=_sdpa, nonlinear=True))
 _aten("unbind.int", Rule(analyse=_unbind, alias=True))
 _aten("split.Tensor split_with_sizes chunk", _split_rule)

@@ -188,3 +188,30 @@ def test_swin_is_captured_where_its_attention_is_visible_and_shrinks_exactly():
     random_hard_gates(gated, 0.4, 0, sections=0.3)
     small = assert_invariant(gated, x, smaller=True)
     assert n_params(small) < 0.6 * n_params(model)
+
+
+class EinsumAttention(nn.Module):
+    """q, k, v from one Linear, attention written with einsum (as in torchvision's MaxViT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out, self.h = nn.Linear(8, 48), nn.Linear(16, 5), 4
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (t.reshape(B, N, self.h, 4).permute(0, 2, 1, 3) for t in self.qkv(x).chunk(3, -1))
+        weights = torch.einsum("b h i d, b h j d -> b h i j", q, k).softmax(-1)
+        y = torch.einsum("bhij,bhjd->bhid", weights, v).permute(0, 2, 1, 3).reshape(B, N, 16)
+        return self.out(y).mean(1)
+
+
+def test_einsum_attention_prunes_by_heads_exactly():
+    torch.manual_seed(0)
+    model = EinsumAttention().eval()
+    x = torch.randn(2, 6, 8)
+    gated = vpsurgery.wrap(model, (x,))
+    groups = vpsurgery.plan(gated).groups
+    assert [len(g.units) for g in groups.values()] == [4]  # one unit per head
+    vpsurgery.gates(gated)[next(iter(groups))].set([1, 0, 0, 1])
+    small = assert_invariant(gated, x, smaller=True)
+    assert small.qkv.out_features == 3 * 2 * 4
