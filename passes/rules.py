@@ -840,8 +840,9 @@ def _getitem(ctx):
         return lay[index]
     if not ctx.is_tensor(src):
         return None
-    if isinstance(index, fx.Node) and ctx.is_tensor(index):  # table[idx]: rows gathered by a tensor
-        return _gather_rows(ctx, table=src, index=index)
+    gathered = _tensor_index(ctx, index)
+    if gathered is not None:  # table[idx], table[:, idx]: positions gathered by a tensor along one dim
+        return _gather_rows(ctx, table=src, index=gathered[1], dim=gathered[0])
     shape = ctx.shape_of(src)
     index = index if isinstance(index, tuple) else (index,)
     mapping, full_index = _index_dims(index, len(shape))
@@ -876,7 +877,7 @@ def _getitem_rewrite(ctx):
     """A slice or index along the channel dim selects from the kept positions only."""
     src, index = ctx.arg(0), ctx.arg(1)
     keep = ctx.keep_of(src)
-    if keep is None or not ctx.is_tensor(src) or (isinstance(index, fx.Node) and ctx.is_tensor(index)):
+    if keep is None or not ctx.is_tensor(src) or _tensor_index(ctx, index) is not None:
         return  # rows gathered by a tensor index: the channels on the other dims were sliced at the source
     dim = ctx.axis_dim_of(src)
     single = not isinstance(index, tuple)
@@ -908,7 +909,7 @@ METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"
 # The walker pins what reaches these (as for unknown ops); their facts are still known.
 MODULE_RULES[nn.MultiheadAttention] = Rule(analyse=None, nonlinear=True, layer=2)  # in and out projections
 MODULE_RULES[nn.Unflatten] = Rule(analyse=None, linear=True, alias=True)
-_register(METHOD_RULES, ("view_as", "reshape_as", "narrow", "t", "as_strided", "movedim",
+_register(METHOD_RULES, ("narrow", "t", "as_strided", "movedim",
                          "moveaxis", "select", "diagonal", "unfold", "real", "imag", "view_as_real", "type", "cpu",
                          "cuda", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "T", "mT"),
           Rule(analyse=None, alias=True))
@@ -1057,6 +1058,23 @@ def _roll(ctx):
 
 
 _register(FUNCTION_RULES, (torch.roll,), Rule(analyse=_roll, linear=True))
+_register(FUNCTION_RULES, (torch.addcmul, torch.addcdiv), Rule(analyse=lambda ctx: _elementwise(ctx)))
+_register(METHOD_RULES, ("addcmul", "addcdiv"), Rule(analyse=lambda ctx: _elementwise(ctx)))
+
+
+def _reshape_as(ctx):
+    """x.reshape_as(y) / x.view_as(y): a reshape to y's shape, which it keeps after shrinking: so its
+    channels are y's where they meet (coupled like an elementwise op)."""
+    lay = _reshape(ctx)
+    other = ctx.layout_of(ctx.arg(1, "other"))
+    if other is None:
+        return lay
+    a, b = np.broadcast_arrays(lay.ids, other.ids.reshape((1,) * (lay.ids.ndim - other.ids.ndim) + other.ids.shape))
+    ctx.space.union(a, b)
+    return ctx.normalize(np.ascontiguousarray(a), other.dim if other.dim is not None else lay.dim)
+
+
+_register(METHOD_RULES, ("reshape_as", "view_as"), Rule(analyse=_reshape_as, linear=True, alias=True))
 METHOD_RULES["roll"] = Rule(analyse=_roll, linear=True)
 
 
@@ -1070,23 +1088,34 @@ _register(FUNCTION_RULES, (torch.zeros_like, torch.ones_like, torch.empty_like, 
 _register(METHOD_RULES, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), Rule(analyse=_created_like))
 
 
-def _gather_rows(ctx, table=None, index=None):
+def _tensor_index(ctx, index):
+    """(dim, index tensor) for an index that is one tensor, alone or among full slices; else None."""
+    entries = index if isinstance(index, tuple) else (index,)
+    tensors = [i for i, e in enumerate(entries) if isinstance(e, fx.Node) and ctx.is_tensor(e)]
+    if len(tensors) != 1 or any(e != slice(None) for i, e in enumerate(entries) if i != tensors[0]):
+        return None
+    return tensors[0], entries[tensors[0]]
+
+
+def _gather_rows(ctx, table=None, index=None, dim=0):
     """table[index] with one index tensor on dim 0 (a relative position bias table, an embedding):
     every gathered row holds the same channels, so the rows are coupled; the channels stay on the
     table's other dims (its heads)."""
-    if table is None:  # aten.index.Tensor(table, [index])
+    if table is None:  # aten.index.Tensor(table, [None, ..., index]): one index tensor, on dim `dim`
         table, indices = ctx.arg(0, "input"), ctx.arg(1, "indices")
-        if not (isinstance(indices, (tuple, list)) and len(indices) == 1 and isinstance(indices[0], fx.Node)):
+        given = [i for i, e in enumerate(indices or ()) if e is not None]
+        if len(given) != 1 or not isinstance(indices[given[0]], fx.Node):
             raise Unsupported("indexing with several index tensors")
-        index = indices[0]
+        dim, index = given[0], indices[given[0]]
     lay = ctx.layout_of(table)
-    if lay.dim == 0 or (ctx.layout_of(index) is not None and ctx.layout_of(index).dim is not None):
+    if lay.dim == dim or (ctx.layout_of(index) is not None and ctx.layout_of(index).dim is not None):
         raise Unsupported("indexing that selects channels")
-    ids = ctx.space.materialize(lay, ctx.shape_of(table), dims=[0])
+    ids = np.moveaxis(ctx.space.materialize(lay, ctx.shape_of(table), dims=[dim]), dim, 0)
     for i in range(1, ids.shape[0]):
         ctx.space.union(ids[0], ids[i])
-    ids = ids[:1].reshape((1,) * len(ctx.shape_of(index)) + ids.shape[1:])
-    return ctx.normalize(ids, None)
+    ids = np.moveaxis(ids[:1], 0, dim)
+    shape = ids.shape[:dim] + (1,) * len(ctx.shape_of(index)) + ids.shape[dim + 1:]
+    return ctx.normalize(ids.reshape(shape), None)
 
 
 # --------------------------------------------------------------------------- ATen overloads
@@ -1128,6 +1157,7 @@ _aten("expand", Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias
 _aten("cat", Rule(analyse=_cat))
 _aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
+_aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))
 _aten("new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like", Rule(analyse=_created_like))
 _aten("index.Tensor", Rule(analyse=_gather_rows))
 _aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor gt.Scalar gt.Tensor le.Scalar le.Tensor "

@@ -613,6 +613,34 @@ def test_stack_expand_as_and_a_gathered_table_couple_channels_exactly():
     check_invariant(gm, X)
 
 
+class LinearNormTokens(nn.Module):
+    """LeViT's Linear+BN over tokens (BN on the flattened tokens, then reshape_as), a per-head bias
+    table read as table[:, idx], and addcmul (ResMLP's affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.out = nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+        self.table = nn.Parameter(torch.randn(8, 5))
+        self.register_buffer("idx", torch.randint(0, 5, (3,)))
+        self.alpha, self.beta = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)  # N, HW, 3
+        y = self.lin(t)
+        y = self.bn(y.flatten(0, 1)).reshape_as(y)
+        y = y + self.table[:, self.idx].mean(1)
+        y = torch.addcmul(self.beta, self.alpha, y)
+        return self.out(y).mean(1)
+
+
+def test_reshape_as_a_column_gather_and_addcmul_keep_channels_exact():
+    gm = wrap(LinearNormTokens(), X)
+    group = group_of(gm, "lin")
+    assert group is not None and len(group.units) == 8, vpsurgery.report(gm)
+    assert vpsurgery.plan(gm).param_axes["table"].dim == 0
+    check_invariant(gm, X)
+
+
 # ------------------------------------------------------------------------------------------ others
 class Pools(nn.Module):
     def __init__(self):
