@@ -182,3 +182,20 @@ class TinyYoloClassifier(nn.Module):
         if x.shape[-1] > 1:
             x = F.adaptive_avg_pool2d(x, 1)
         return self.fc(x.flatten(1))
+
+
+def branchy(x):
+    """Data-dependent inside: fx keeps it whole (wrapped), torch.export cannot capture it."""
+    return x * 2 if x.mean() > 0 else x
+
+
+torch.fx.wrap("branchy")
+
+
+class HiddenBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(branchy(self.a(x)))

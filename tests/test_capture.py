@@ -142,3 +142,11 @@ def test_fit_trains_and_shrinks_an_exported_classifier_to_its_budget():
     assert 0.4 <= kept <= 0.6, kept
     with torch.no_grad():
         assert rel_err(small(images[:8]), result.model.eval()(images[:8])) <= 1e-5
+
+
+def test_auto_keeps_the_fx_graph_when_export_cannot_capture_what_fx_hid():
+    from capture_nets import HiddenBranch
+
+    gated = vpsurgery.wrap(HiddenBranch().eval(), (torch.randn(2, 3, 8, 8),))
+    plan = vpsurgery.plan(gated)
+    assert plan.capture == "fx" and any("branchy" in u.reason for u in plan.unprunable)

@@ -67,7 +67,7 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         # pins channels: torch.export records the ops inside it; keep whichever sees more
         try:
             other = analysed("export")
-        except TraceError:
+        except TraceError:  # ExportError is one: export cannot take it either, fx's graph stands
             other = None
         if other is not None and other[1].prunable_share > plan.prunable_share:
             gm, plan = other

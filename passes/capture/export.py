@@ -23,11 +23,13 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .trace import TraceError
+
 aten = torch.ops.aten
 
 
-class ExportError(RuntimeError):
-    """torch.export could not capture the model."""
+class ExportError(TraceError):
+    """torch.export could not capture the model (a TraceError: the model cannot become a graph)."""
 
 
 def user_frame(error: BaseException) -> str | None:
