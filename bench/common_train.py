@@ -22,10 +22,10 @@ def loaders(bundle, batch_size: int, seed: int):
     return train, val
 
 
-def make_optimizer(params, lr: float, optimizer: str, momentum: float):
+def make_optimizer(params, lr: float, optimizer: str, momentum: float, weight_decay: float = 0.0):
     if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -43,21 +43,24 @@ def evaluate(model, loader, dev) -> float:
 
 class DenseTrainer:
     """Cross-entropy training with fit's weight optimizer and cosine-per-step schedule over
-    `total_epochs`; `replace_model` swaps in a pruned model (new optimizer, schedule continues)."""
+    `total_epochs`; `replace_model` swaps in a pruned model (new optimizer, schedule continues).
+    `after_backward(model)`, when set, runs between backward and the step (a sparse-training
+    regulariser that edits the gradients, as Torch-Pruning's pruners do)."""
 
     def __init__(self, model, train_loader, val_loader, *, total_epochs: int, lr: float, optimizer: str,
-                 momentum: float, dev):
+                 momentum: float, dev, weight_decay: float = 0.0):
         self.model, self.train_loader, self.val_loader, self.dev = model.to(dev), train_loader, val_loader, dev
-        self.lr, self.optimizer, self.momentum = lr, optimizer, momentum
+        self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
+        self.after_backward = None
         self.total_steps = total_epochs * len(train_loader)
         self.step = 0
         self.epoch = 0
-        self.opt = make_optimizer(self.model.parameters(), lr, optimizer, momentum)
+        self.opt = make_optimizer(self.model.parameters(), lr, optimizer, momentum, weight_decay)
         self.history: list[dict] = []
 
     def replace_model(self, model) -> None:
         self.model = model.to(self.dev)
-        self.opt = make_optimizer(self.model.parameters(), self.lr, self.optimizer, self.momentum)
+        self.opt = make_optimizer(self.model.parameters(), self.lr, self.optimizer, self.momentum, self.weight_decay)
 
     def _lr_now(self) -> float:
         return 0.5 * self.lr * (1 + math.cos(math.pi * self.step / self.total_steps))
@@ -74,6 +77,8 @@ class DenseTrainer:
                 out = self.model(x)
             loss = F.cross_entropy(out.float(), y)
             loss.backward()
+            if self.after_backward is not None:
+                self.after_backward(self.model)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1

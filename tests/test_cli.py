@@ -306,7 +306,9 @@ def test_a_run_that_misses_its_target_exits_1(tmp_path):
     reason = assert_failed_but_complete(result, report, out)
     assert f"keeps {report['outcome']['share']:.1%} of the dense flops, not the target 50.0%" in reason
     assert report["outcome"]["share"] < 0.45
-    assert "at chance level" in reason  # and it learnt nothing (at most 15% for 10 classes)
+    # theta's warm-up lets the weights learn before anything goes, so this run is not at chance
+    # level as well; a chance-level accuracy is judged in test_judge
+    assert ("at chance level" in reason) == (report["outcome"]["val_acc"] <= report["outcome"]["chance"])
     assert "COMPRESSION FAILED" in ok("inspect", str(out)).stdout  # still a usable run directory
 
 

@@ -53,9 +53,11 @@ class FitConfig:
     prior: str = setting("slab", "reading of the weight prior: slab or spike_and_slab (docs/method.md)",
                          choices=PRIORS)
     sigma0: float = setting(0.01, "spike standard deviation (prior=spike_and_slab only)", low=0, low_open=True)
-    harden: float = setting(0.2, "share of the epochs, at the end, that train the rounded network with theta "
-                                 "frozen (theta >= 0.5 kept, or with target the rounding that meets it)",
-                            low=0, high=1, high_open=True)
+    harden: float | None = setting(None, "share of the epochs, at the end, that train the rounded network with theta "
+                                         "frozen (theta >= 0.5 kept, or with target the rounding that meets it); "
+                                         "unset: 0.5 with a target (the rounding decides, and the network it "
+                                         "keeps trains for half the run), 0.2 with a price (theta has to reach "
+                                         "0 or 1 by itself)", kind=float, low=0, high=1, high_open=True)
     prune_every: int = setting(20, "optimizer steps between physical removals of the structures whose theta is "
                                    "<= prune_threshold (also at the end of each epoch)", low=1)
     prune_threshold: float = setting(0.0, "theta at or below which a structure is removed during training "

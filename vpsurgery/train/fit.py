@@ -330,6 +330,7 @@ def _train_epoch(run: _Run, loader, dev, loss_fn, epoch: int, bar: bool) -> dict
         batch = to_device(batch, dev)
         loss, reg, n, correct = (_disarm_step if disarm else _straight_through_step)(run, batch, loss_fn, dev)
         _check_finite(loss + reg, batch, epoch, step_in_epoch)
+        run.pruner.clip_gradients()
         run.opt.step()
         due = run.pruner.step()
         run.sched.step()
