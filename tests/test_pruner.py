@@ -63,6 +63,7 @@ def own_loop(gated, loader, settings):
         for x, y in loader:
             loss = F.cross_entropy(model(x), y) + pruner.loss()
             loss.backward()
+            pruner.clip_gradients()
             opt.step()
             sched.step()
             opt.zero_grad()
@@ -139,3 +140,78 @@ def test_unknown_settings_are_refused_with_the_valid_ones():
         Pruner(student(), 64, steps_per_epoch=1, learning_rate=0.1)
     with pytest.raises(ValueError, match="target must be in"):
         Pruner(student(), 64, steps_per_epoch=1, target=1.5)
+
+
+def _train_steps(pruner, loader, steps):
+    opt = torch.optim.SGD(pruner.weights(), lr=0.05)
+    seen = 0
+    while seen < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(pruner.model(x), y) + pruner.loss()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            pruner.step()
+            seen += 1
+            if seen == steps:
+                return
+
+
+def test_theta_waits_for_the_weights_in_budget_mode(digits):
+    """With a target, theta and the price stay put for THETA_WARMUP of the stochastic phase (random
+    weights push every gate down through the loss itself); without one, theta moves from step 1."""
+    from vpsurgery.train import pruner as pruner_module
+
+    loader = train_loader(flat(digits[0]))
+    budget = Pruner(mlp(), len(loader.dataset), steps_per_epoch=len(loader), epochs=5, target=0.3)
+    stochastic = budget.stochastic_steps
+    assert budget.warmup_steps == round(pruner_module.THETA_WARMUP * stochastic) > 0
+    price0 = budget.price
+    _train_steps(budget, loader, budget.warmup_steps)
+    assert all(bool((t == 1).all()) for t in budget.thetas()) and budget.price == price0
+    _train_steps(budget, loader, 3)
+    assert any(bool((t < 1).any()) for t in budget.thetas())
+    priced = Pruner(mlp(), len(loader.dataset), steps_per_epoch=len(loader), epochs=5, price=0.5)
+    assert priced.warmup_steps == 0
+    _train_steps(priced, loader, 2)
+    assert any(bool((t < 1).any()) for t in priced.thetas())
+
+
+def test_harden_defaults_to_half_the_run_with_a_target_and_a_fifth_with_a_price():
+    from vpsurgery.config import FitConfig
+    from vpsurgery.train.pruner import hardening_epoch
+
+    assert hardening_epoch(FitConfig(epochs=10, target=0.3)) == 5
+    assert hardening_epoch(FitConfig(epochs=10)) == 8
+    assert hardening_epoch(FitConfig(epochs=10, target=0.3, harden=0.2)) == 8  # an explicit value wins
+
+
+def test_clip_gradients_cuts_spikes_not_trends(digits):
+    """A gradient norm above SPIKE_FACTOR times its running mean is scaled to that; the mean
+    follows a steady change; it is saved with the Pruner's state."""
+    from vpsurgery.train.pruner import SPIKE_FACTOR
+
+    loader = train_loader(flat(digits[0]))
+    pruner = Pruner(mlp(), len(loader.dataset), steps_per_epoch=len(loader), epochs=2, target=0.5)
+    weights = pruner.weights()
+
+    def norm_after(scale):
+        for p in weights:
+            p.grad = torch.full_like(p, scale)
+        before = pruner.clip_gradients()
+        return before, float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in weights])))
+
+    base, after = norm_after(1.0)
+    assert after == pytest.approx(base)  # the first norm only starts the mean
+    for _ in range(5):
+        assert norm_after(1.0)[1] == pytest.approx(base)
+    before, after = norm_after(100.0)  # a spike: cut to SPIKE_FACTOR x the mean
+    assert before == pytest.approx(100 * base) and after == pytest.approx(SPIKE_FACTOR * base, rel=1e-4)
+    for _ in range(60):  # a trend: a norm twice the old one passes once the mean has followed
+        norm_after(2.0)
+    assert norm_after(2.0)[1] == pytest.approx(2 * base)
+    state = pruner.state_dict()
+    assert state["grad_norm"] == pytest.approx(pruner.state.grad_norm)
+    other = Pruner(mlp(), len(loader.dataset), steps_per_epoch=len(loader), epochs=2, target=0.5)
+    other.load_state_dict(state)
+    assert other.state.grad_norm == pruner.state.grad_norm
