@@ -22,6 +22,8 @@ What the callback does, at Lightning's hooks:
   given, epochs = trainer.max_epochs unless given; takes the gates' theta out of the module's
   optimizers (the Pruner steps theta with its own); and wraps the module's training_step so that
   the loss it returns (a tensor, or a dict's "loss") gets pruner.loss() added;
+* before every optimizer step: pruner.clip_gradients() (a gradient spike, norm > 3x its running
+  mean, is cut, as in fit);
 * after every optimizer step: pruner.step() (theta's step, projection, schedules, price); every
   `prune_every` steps and at each epoch's end, physical removal: the module's submodule is
   replaced by the smaller model and the trainer's optimizers are updated in place (state sliced),
@@ -121,6 +123,10 @@ class PruningCallback(pl.Callback):
         if self.pruner is not None and trainer.current_epoch >= self.pruner.hardening_epoch and not self.pruner.hard:
             self.pruner.harden()
             self._prune(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.pruner is not None:
+            self.pruner.clip_gradients()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.pruner is None or trainer.global_step == self._global_step:
