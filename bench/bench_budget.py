@@ -318,6 +318,10 @@ def cmd_run(a) -> None:
     ratios = {}
     print(f"{a.model}: {len(train)} train / {len(val)} val, input {tuple(x.shape[1:])}, methods {methods}", flush=True)
     for seed in a.seeds:
+        todo = [(m, per, b) for per in a.per for b in a.budgets for m in methods
+                if m != "dense" and (a.model, m, per, b, seed, E) not in done]
+        if not todo and (a.model, "dense", "-", 1.0, seed, E) in done:
+            continue  # everything of this seed is on record
         dense_model = build(a.model, seed)
         dense_cost = {p: cost(dense_model, x, p) for p in ("params", "flops")}
         tl, vl = loaders(train, val, seed)

@@ -61,13 +61,13 @@ def own_loop(gated, loader, settings):
             model, opt = pruner.prune(opt)
         model.train()
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y) + pruner.loss()
-            loss.backward()
+            loss = F.cross_entropy(model(x), y)
+            (loss + pruner.loss()).backward()
             pruner.clip_gradients()
             opt.step()
             sched.step()
             opt.zero_grad()
-            if pruner.step():  # theta's step; True every prune_every steps
+            if pruner.step(loss):  # theta's step; True every prune_every steps
                 model, opt = pruner.prune(opt)
         model, opt = pruner.prune(opt)
     return pruner

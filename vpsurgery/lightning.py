@@ -24,7 +24,7 @@ What the callback does, at Lightning's hooks:
   the loss it returns (a tensor, or a dict's "loss") gets pruner.loss() added;
 * before every optimizer step: pruner.clip_gradients() (a gradient spike, norm > 3x its running
   mean, is cut, as in fit);
-* after every optimizer step: pruner.step() (theta's step, projection, schedules, price); every
+* after every optimizer step: pruner.step(loss) (with the training_step's own loss: the warm-up; theta's step, projection, schedules, price); every
   `prune_every` steps and at each epoch's end, physical removal: the module's submodule is
   replaced by the smaller model and the trainer's optimizers are updated in place (state sliced),
   so their schedulers keep working;
@@ -111,6 +111,7 @@ class PruningCallback(pl.Callback):
             out = original(*args, **kwargs)
             if out is None or self.pruner is None:
                 return out
+            self._loss = (out["loss"] if isinstance(out, dict) else out).detach()  # for the warm-up
             if isinstance(out, dict):
                 return {**out, "loss": out["loss"] + self.pruner.loss()}
             return out + self.pruner.loss()
@@ -132,7 +133,7 @@ class PruningCallback(pl.Callback):
         if self.pruner is None or trainer.global_step == self._global_step:
             return  # no optimizer step (gradient accumulation)
         self._global_step = trainer.global_step
-        if self.pruner.step():
+        if self.pruner.step(getattr(self, "_loss", None)):
             self._prune(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

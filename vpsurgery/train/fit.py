@@ -332,7 +332,7 @@ def _train_epoch(run: _Run, loader, dev, loss_fn, epoch: int, bar: bool) -> dict
         _check_finite(loss + reg, batch, epoch, step_in_epoch)
         run.pruner.clip_gradients()
         run.opt.step()
-        due = run.pruner.step()
+        due = run.pruner.step(loss)
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
         step_in_epoch += 1

@@ -56,7 +56,10 @@ PRICE_RATE = 0.05  # largest change of log(price) in one step
 INITIAL_LOAD = 0.1  # initial price: the cost term is this many nats per example at theta = 1
 THETA_TRAVEL = 2.0  # Adam on theta: the annealed step sizes of the stochastic phase sum to at least this
 THETA_LR_CAP = 0.02  # ... but theta's step never exceeds this (larger steps made small nets collapse)
-THETA_WARMUP = 0.2  # theta stays at 1 for this share of the stochastic phase, so the weights learn first
+THETA_WARMUP = 0.2  # theta stays at 1 for at least this share of the stochastic phase, so the weights learn first,
+WARMUP_LOSS = 0.5  # ... and, when step() is given the loss, until its running mean is this share of its start,
+WARMUP_MAX = 0.5  # ... but at most this share of the stochastic phase
+LOSS_DECAY = 0.9  # the loss's running mean (an exponential moving average); its start: the first 10 steps' mean
 HARDEN_TARGET = 0.5  # default harden with a target: ResNet-20 at 25% of the FLOPs, 94.7% (0.2) -> 97.8% (0.5)
 HARDEN_PRICE = 0.2  # default harden with a price: theta needs the longer stochastic phase to decide by itself
 SPIKE_FACTOR = 3.0  # clip_gradients: a weights' gradient norm above this many running means is clipped to it
@@ -87,6 +90,10 @@ class PrunerState:
     price: float = 0.0  # the price in use (controlled when a target is set)
     share: float = 1.0  # expected cost share at the last step
     grad_norm: float | None = None  # running mean of the weights' gradient norm (clip_gradients)
+    theta_start: int | None = None  # the step at which theta began to move (budget mode; None: still waiting)
+    loss_start: float | None = None  # mean training loss of the first steps (the warm-up's reference)
+    loss_mean: float | None = None  # running mean of the training loss
+    loss_seen: int = 0  # losses given to step()
     removed_cost: list[tuple[int, float]] = field(default_factory=list)  # (step, cost share removed) per shrink
 
 
@@ -150,16 +157,52 @@ class Pruner:
 
     @property
     def warmup_steps(self) -> int:
-        """Steps (budget mode) before theta moves: with random weights the loss gradient itself pushes
-        every gate down (smaller activations lower the loss of a net that has learnt nothing), which
-        no price can hold back, and Adam turns that small bias into full-size steps."""
+        """The fewest steps (budget mode) before theta moves: with random weights the loss gradient
+        itself pushes every gate down (smaller activations lower the loss of a net that has learnt
+        nothing), which no price can hold back, and Adam turns that small bias into full-size steps.
+        Given the loss, step() waits longer, until the net has learnt something (WARMUP_LOSS)."""
         if self.config.target is None:
             return 0
         return round(THETA_WARMUP * (self.stochastic_steps or self.total_steps))
 
     @property
+    def warmup_max_steps(self) -> int:
+        return max(self.warmup_steps, round(WARMUP_MAX * (self.stochastic_steps or self.total_steps)))
+
+    @property
     def ramp_steps(self) -> int:
-        return max(1, round(RAMP * (self.stochastic_steps or self.total_steps)))
+        """The goal's ramp: RAMP of the stochastic phase, ending by hardening however late theta started."""
+        steps = self.stochastic_steps or self.total_steps
+        start = self.state.theta_start if self.state.theta_start is not None else self.warmup_steps
+        return max(1, min(round(RAMP * steps), steps - start))
+
+    def _waiting(self) -> bool:
+        """Whether theta still waits (budget mode); decides the end of the warm-up once."""
+        s = self.state
+        if self.config.target is None or s.theta_start is not None:
+            return False
+        if s.step < self.warmup_steps:
+            return True
+        learnt = s.loss_mean is None or s.loss_mean <= WARMUP_LOSS * s.loss_start
+        if learnt or s.step >= self.warmup_max_steps:
+            s.theta_start = s.step
+            return False
+        return True
+
+    def _observe(self, loss) -> None:
+        value = loss.detach().float().reshape(-1)[:1] if torch.is_tensor(loss) else torch.tensor([float(loss)])
+        if dist.is_available() and dist.is_initialized():  # every rank decides the warm-up alike
+            value = value.to(next(iter(self.weights()), torch.zeros(())).device)
+            dist.all_reduce(value)
+            value = value / dist.get_world_size()
+        v = float(value)
+        if not math.isfinite(v):
+            return
+        s = self.state
+        s.loss_seen += 1
+        if s.loss_seen <= 10:
+            s.loss_start = v if s.loss_start is None else s.loss_start + (v - s.loss_start) / s.loss_seen
+        s.loss_mean = v if s.loss_mean is None else LOSS_DECAY * s.loss_mean + (1 - LOSS_DECAY) * v
 
     def anneal(self, step: int) -> float:
         """The weights' cosine schedule at `step`, relative to its start (what theta's step follows:
@@ -179,7 +222,9 @@ class Pruner:
         """The share of the dense cost aimed at now (None without a target)."""
         if self.config.target is None:
             return None
-        return scheduled_target(self.config.target, (self.state.step - self.warmup_steps) / self.ramp_steps)
+        if self.state.theta_start is None:
+            return 1.0
+        return scheduled_target(self.config.target, (self.state.step - self.state.theta_start) / self.ramp_steps)
 
     @property
     def price(self) -> float:
@@ -216,10 +261,14 @@ class Pruner:
         self._cost = cost
         return reg
 
-    def step(self) -> bool:
+    def step(self, loss=None) -> bool:
         """Call after the weights' optimizer step: theta's step (unless hardened), projection onto
-        [0, 1], theta's annealing and the price controller. True when a `prune` is due."""
-        moving = not self.state.hard and self.state.step >= self.warmup_steps
+        [0, 1], theta's annealing and the price controller. True when a `prune` is due. `loss`: the
+        minibatch's training loss (without the regulariser); with a target, theta then waits until
+        the net has learnt something (else for THETA_WARMUP of the stochastic phase only)."""
+        if loss is not None and self.config.target is not None and self.state.theta_start is None:
+            self._observe(loss)
+        moving = not self.state.hard and not self._waiting()
         if self.theta_optimizer is not None and moving:
             self.theta_optimizer.step()
         self.state.step += 1
@@ -235,7 +284,7 @@ class Pruner:
             self.state.share = float(cost) / self.state.dense_cost
             if self.controller is not None and moving:
                 goal = scheduled_target(self.config.target,
-                                        (self.state.step - 1 - self.warmup_steps) / self.ramp_steps)
+                                        (self.state.step - 1 - self.state.theta_start) / self.ramp_steps)
                 self.state.price = self.controller.update(self.state.share, goal)
         self._cost = None
         return self.state.step % self.config.prune_every == 0
@@ -364,6 +413,8 @@ class Pruner:
             "share_before_hardening": s.share_before_hardening,
             "kept_anyway": sorted(int(u) for u in plan_of(self.model).kept_anyway),
             "dense_cost": s.dense_cost, "price": s.price, "share": s.share, "grad_norm": s.grad_norm,
+            "theta_start": s.theta_start, "loss_start": s.loss_start, "loss_mean": s.loss_mean,
+            "loss_seen": s.loss_seen,
             "removed_cost": [list(x) for x in s.removed_cost],
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "theta_optimizer": self.theta_optimizer.state_dict() if self.theta_optimizer is not None else None,
@@ -392,6 +443,10 @@ class Pruner:
         s.dense_cost, s.price, s.share = float(state["dense_cost"]), float(state["price"]), float(state["share"])
         s.removed_cost = [(int(a), float(b)) for a, b in state["removed_cost"]]
         s.grad_norm = state.get("grad_norm")  # absent in checkpoints written before clip_gradients
+        s.theta_start, s.loss_start, s.loss_mean = state.get("theta_start"), state.get("loss_start"), state.get("loss_mean")
+        s.loss_seen = int(state.get("loss_seen", 0))
+        if s.theta_start is None and "theta_start" not in state and self.config.target is not None:
+            s.theta_start = 0 if s.step else None  # a checkpoint from before the warm-up: theta was moving
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
         self.theta_optimizer = self._make_theta_optimizer()
