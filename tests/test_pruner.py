@@ -158,8 +158,8 @@ def _train_steps(pruner, loader, steps):
 
 
 def test_theta_waits_for_the_weights_in_budget_mode(digits):
-    """With a target, theta and the price stay put for THETA_WARMUP of the stochastic phase (random
-    weights push every gate down through the loss itself); without one, theta moves from step 1."""
+    """With a target, theta and the price stay put for at least THETA_WARMUP of the stochastic phase
+    (random weights push every gate down through the loss itself); without one, theta moves from step 1."""
     from vpsurgery.train import pruner as pruner_module
 
     loader = train_loader(flat(digits[0]))
@@ -171,6 +171,19 @@ def test_theta_waits_for_the_weights_in_budget_mode(digits):
     assert all(bool((t == 1).all()) for t in budget.thetas()) and budget.price == price0
     _train_steps(budget, loader, 3)
     assert any(bool((t < 1).any()) for t in budget.thetas())
+    # given the loss, theta waits until its running mean has halved, or at most WARMUP_MAX of the phase
+    stuck = Pruner(mlp(), len(loader.dataset), steps_per_epoch=len(loader), epochs=5, target=0.3)
+    for _ in range(stuck.warmup_max_steps):
+        assert stuck.goal == 1.0
+        stuck.step(loss=2.3)  # a net that learns nothing
+    assert stuck.state.theta_start is None
+    stuck.step(loss=2.3)
+    assert stuck.state.theta_start == stuck.warmup_max_steps
+    learning = Pruner(mlp(), len(loader.dataset), steps_per_epoch=100, epochs=5, target=0.3)
+    for i in range(learning.warmup_steps + 1):
+        learning.step(loss=2.3 if i < 10 else 0.5)
+    assert learning.state.theta_start == learning.warmup_steps < learning.warmup_max_steps
+    assert learning.state_dict()["theta_start"] == learning.warmup_steps
     priced = Pruner(mlp(), len(loader.dataset), steps_per_epoch=len(loader), epochs=5, price=0.5)
     assert priced.warmup_steps == 0
     _train_steps(priced, loader, 2)
