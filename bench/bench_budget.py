@@ -372,6 +372,10 @@ def _mean_spread(values, fmt="{:.1f}") -> str:
 def cmd_report(a) -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["epochs"] == a.epochs]
+    unique = {}  # two processes may have run the same run: the first on record counts
+    for r in rows:
+        unique.setdefault(tuple(r[k] for k in ("model", "method", "per", "budget", "seed")), r)
+    rows = list(unique.values())
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["method"], r["per"], r["budget"]), []).append(r)

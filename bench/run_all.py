@@ -12,6 +12,9 @@ STEPS = [
     ["bench_method.py", "robustness"],
     ["bench_method.py", "cost"],
     ["bench_method.py", "overhead"],
+    *[["bench_budget.py", "run", "--model", m] for m in ("lenet300_100", "lenet5", "resnet20", "resnet56", "vgg16")],
+    ["bench_budget.py", "report"],
+    ["defaults_sweep.py", "--write"],
 ]
 
 
