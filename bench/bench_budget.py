@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import vpsurgery  # noqa: E402
-from common import count_flops, machine, n_params, replace_section, today  # noqa: E402
+from common import count_flops, machine, n_params, out_widths, replace_section, today  # noqa: E402
 from common_train import DenseTrainer, evaluate  # noqa: E402
 from vpsurgery.data import load_data  # noqa: E402
 from vpsurgery.models import get_model  # noqa: E402
@@ -302,11 +302,6 @@ def record(row: dict) -> None:
           f"acc {row['val_acc']:.3f}, share {row['share']:.3f}, {row['train_s']:.0f}s", flush=True)
 
 
-def widths(m: nn.Module) -> list[int]:
-    return [mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-            for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
-
-
 def cmd_run(a) -> None:
     torch.set_num_threads(1)
     train, val = dataset(a.model)
@@ -356,7 +351,7 @@ def cmd_run(a) -> None:
                             "share": (p if per == "params" else fl) / dense_cost[per],
                             "params": p, "flops": fl, "train_s": secs, "dense_train_s": t_dense,
                             "tp_ratio": ratio if method.startswith("tp_") else None,
-                            "widths": widths(final), **extra})
+                            "widths": out_widths(final), **extra})
 
 
 # ---------------------------------------------------------------------------------- report

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import vpsurgery  # noqa: E402
-from common import write_atomic  # noqa: E402
+from common import out_widths, write_atomic  # noqa: E402
 from vpsurgery.data import load_data  # noqa: E402
 from vpsurgery.models import get_model  # noqa: E402
 from vpsurgery.config import FitConfig  # noqa: E402
@@ -143,9 +143,7 @@ def widths_of(m: nn.Module) -> str:
 
 
 def layer_widths(m: nn.Module) -> list[int]:
-    w = [mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-         for mod in m.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
-    return w[:-1]
+    return out_widths(m)[:-1]  # the last layer's width is the class count
 
 
 def run_fit(model: nn.Module, bundle, args, seed: int, epochs: int, log_prefix: str):

@@ -66,6 +66,12 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def out_widths(model: torch.nn.Module) -> list[int]:
+    """Output width of every Conv2d/Linear, in module order."""
+    return [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+            for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
