@@ -177,7 +177,7 @@ def rng(values, f=lambda v: f"{v:.3g}") -> str:
 
 
 # ---------------------------------------------------------------------------------- BENCHMARKS.md
-SUBS = ["intro", "compare", "robustness", "cost", "overhead"]
+SUBS = ["intro", "compare", "robustness", "robustness_target", "cost", "overhead"]
 
 
 def write_sub(sub: str, body: str) -> None:
@@ -410,6 +410,9 @@ def plot_compare(curves, rows) -> str:
 
 # ---------------------------------------------------------------------------------- robustness
 def cmd_robustness(args) -> None:
+    """Claim 2: from different seeds and start widths, does fit land on the same network? With
+    --kept-params N every start width is asked for the same absolute size (target = N / its own
+    dense params, per params), so the question becomes whether it finds the same *shape*."""
     model_name = "lenet300_100"
     bundle = data_for(model_name, args)
     runs = []
@@ -418,6 +421,8 @@ def cmd_robustness(args) -> None:
         for seed in args.seeds:
             model = build(model_name, width, bundle, seed)
             dense = n_params(model)
+            if args.kept_params:
+                args.fit_target, args.fit_per = args.kept_params / dense, "params"
             r = run_fit(model, bundle, args, seed, args.epochs, f"w{width} s{seed}")
             last = r["res"].history[-1]
             decided = (last["units_removed"] + last["theta_at_0"] + last["theta_at_1"]) / r["gated_units"]
@@ -426,6 +431,8 @@ def cmd_robustness(args) -> None:
                          "acc": r["acc_small"], "acc_gated": r["acc_gated"], "decided": decided,
                          "between": last["theta_between"], "time": r["time_s"]})
             print(f"width {width} seed {seed}: {runs[-1]}", flush=True)
+    if args.kept_params:
+        args.fit_target = None  # per start width, shown in the heading; not one value for the config line
     rows = []
     for width in args.widths:
         rs = [r for r in runs if r["width"] == width]
@@ -447,20 +454,23 @@ def cmd_robustness(args) -> None:
               f"theta decided (removed or within {AT_END} of 0/1)", "fit time"]
     table = md_table(header, rows)
     print(table)
-    plot = plot_robustness(runs)
+    sub = "robustness_target" if args.kept_params else "robustness"
+    plot = plot_robustness(runs, f"method_{sub}.png")
     per_run = md_table(["width", "seed", "final widths", "params", "val acc", "gated val", "theta decided"],
                        [[r["width"], r["seed"], "-".join(map(str, r["widths"])), f"{r['params']:,}",
                          acc(r["acc"]), acc(r["acc_gated"]), f"{100 * r['decided']:.0f}%"] for r in runs])
-    body = (f"### robustness: LeNet-300-100, seeds {args.seeds} x start widths {args.widths}\n\n{stamp(args)}\n\n"
+    asked = (f", every start asked for {args.kept_params:,} params (target = that / its own dense, per params)"
+             if args.kept_params else "")
+    body = (f"### {sub}: LeNet-300-100, seeds {args.seeds} x start widths {args.widths}{asked}\n\n{stamp(args)}\n\n"
             f"Each cell: mean (min–max) over the seeds; seed = init and shuffle order, data split fixed. "
             f"{args.epochs} epochs per run; total {time.perf_counter() - t_all:.0f}s. "
             f"*theta decided*: (units removed during fit + remaining gates within {AT_END} of 0 or 1) / all "
             f"gated units of the starting model.\n\n{table}\n\n<details><summary>per run</summary>\n\n"
             f"{per_run}\n\n</details>\n\n![robustness]({plot})\n")
-    write_sub("robustness", body)
+    write_sub(sub, body)
 
 
-def plot_robustness(runs) -> str:
+def plot_robustness(runs, name: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -477,7 +487,7 @@ def plot_robustness(runs) -> str:
     axes[1].set_xlabel("kept params")
     axes[1].set_ylabel("val acc % (final model)")
     axes[1].set_title("colour = start width")
-    return save_plot(fig, "method_robustness.png")
+    return save_plot(fig, name)
 
 
 # ---------------------------------------------------------------------------------- cost
@@ -664,6 +674,8 @@ def main(argv=None) -> None:
                    help="compare: share of the epochs trained dense before Torch-Pruning prunes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="robustness")
     p.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="robustness")
+    p.add_argument("--kept-params", type=int, default=None,
+                   help="robustness: ask every start width for this many params (fit's target)")
     p.add_argument("--cost-models", nargs="+", default=["lenet300_100@2", "lenet5@1"], help="cost: NAME@WIDTH")
     p.add_argument("--overhead-models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--overhead-batch", type=int, default=None, help="default 256 on GPU, 32 on CPU")

@@ -29,9 +29,10 @@ sys.path.insert(0, str(REPO / "bench"))
 import vpsurgery  # noqa: E402
 from common import machine, today  # noqa: E402
 from common_train import DenseTrainer  # noqa: E402
+from vpsurgery.config import FitConfig  # noqa: E402
 from vpsurgery.data import load_data  # noqa: E402
 from vpsurgery.models import get_model  # noqa: E402
-from vpsurgery.train import evaluate, kept_macs, kept_params  # noqa: E402
+from vpsurgery.train import evaluate, kept_macs, kept_params, recalibrate_batchnorm  # noqa: E402
 
 DOC = REPO / "docs" / "budget.md"
 BEGIN, END = "<!-- defaults_sweep:begin -->", "<!-- defaults_sweep:end -->"
@@ -58,15 +59,18 @@ def main() -> None:
     ap.add_argument("--targets", default="0.5,0.25")
     ap.add_argument("--per", default="flops")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=None, help="the weights' learning rate for fit and the dense "
+                    "check (default: fit's)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--dense", action="store_true", help="also train the dense model with the same settings "
                     "(is a row at chance the model's or the method's?)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    lr = FitConfig().lr if a.lr is None else a.lr
     train, val = data()
     rows = []
     head = ("| model | per | target | kept share | in ±10 % | val acc (shrunk) | above chance | fit s |"
-            + (" dense val acc (same settings) |" if a.dense else "") + "\n|---|---|---|---|---|---|---|---|"
+            + (" dense val acc (same settings, BatchNorm re-estimated like fit's) |" if a.dense else "") + "\n|---|---|---|---|---|---|---|---|"
             + ("---|" if a.dense else ""))
     dense_acc = {}
     print(head, flush=True)
@@ -74,10 +78,14 @@ def main() -> None:
         for name in a.models.split(","):
             g = torch.Generator().manual_seed(0)
             tl = DataLoader(train, batch_size=64, shuffle=True, generator=g, drop_last=True)
-            tr = DenseTrainer(build(name), tl, DataLoader(val, batch_size=256), total_epochs=a.epochs, lr=0.05,
+            tr = DenseTrainer(build(name), tl, DataLoader(val, batch_size=256), total_epochs=a.epochs, lr=lr,
                               optimizer="sgd", momentum=0.9, dev=torch.device("cpu"))
-            print(f"{name}: dense val acc {100 * [tr.run_epoch() for _ in range(a.epochs)][-1]['val_acc']:.1f} %",
-                  flush=True)
+            last = [tr.run_epoch() for _ in range(a.epochs)][-1]
+            recalibrate_batchnorm(tr.model, tl)
+            again = evaluate(tr.model, DataLoader(val, batch_size=256), torch.device("cpu"))
+            print(f"{name}: dense, last epoch: train loss {last['loss']:.3f}, train acc {100 * last['train_acc']:.1f} %, "
+                  f"val acc {100 * last['val_acc']:.1f} %, after re-estimating BatchNorm statistics "
+                  f"{100 * again:.1f} %", flush=True)
         return
     for name in a.models.split(","):
         for target in map(float, a.targets.split(",")):
@@ -90,7 +98,7 @@ def main() -> None:
                 try:
                     gated = vpsurgery.wrap(model, train.tensors[0][:2])
                     dense = {"params": kept_params(gated), "flops": kept_macs(gated)}
-                    res = vpsurgery.fit(gated, tl, vl, epochs=a.epochs, target=target, per=per, seed=0,
+                    res = vpsurgery.fit(gated, tl, vl, epochs=a.epochs, target=target, per=per, seed=0, lr=lr,
                                         device="cpu", progress=False, log=lambda line: None)
                     small = vpsurgery.shrink(res.model)
                     kept = {"params": kept_params(small), "flops": kept_macs(small)}[per]
@@ -103,14 +111,18 @@ def main() -> None:
                     row = f"| {name} | {per} | {target:g} | **failed**: {type(e).__name__}: {str(e)[:120]} | | | | |"
                 if a.dense:
                     if name not in dense_acc:
-                        tr = DenseTrainer(build(name), tl, vl, total_epochs=a.epochs, lr=0.05, optimizer="sgd",
+                        tr = DenseTrainer(build(name), tl, vl, total_epochs=a.epochs, lr=lr, optimizer="sgd",
                                           momentum=0.9, dev=torch.device("cpu"))
-                        dense_acc[name] = [tr.run_epoch() for _ in range(a.epochs)][-1]["val_acc"]
+                        for _ in range(a.epochs):
+                            tr.run_epoch()
+                        recalibrate_batchnorm(tr.model, tl)  # as fit does at its end
+                        dense_acc[name] = evaluate(tr.model, vl, torch.device("cpu"))
                     row += f" {100 * dense_acc[name]:.1f} % |"
                 rows.append(row)
                 print(row, flush=True)
     if a.write:
-        table = (f"{BEGIN}\nMeasured by `bench/defaults_sweep.py` on {today()} ({machine()}): fit's defaults, "
+        settings = "fit's defaults" + ("" if a.lr is None else f" but lr {a.lr:g}")
+        table = (f"{BEGIN}\nMeasured by `bench/defaults_sweep.py` on {today()} ({machine()}): {settings}, "
                  f"{a.epochs} epochs, digits at 32×32 (3 channels), batch 64, seed 0.\n\n{head}\n"
                  + "\n".join(rows) + f"\n{END}")
         text = DOC.read_text()

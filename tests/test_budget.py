@@ -55,3 +55,26 @@ def test_ties_at_one_are_broken_by_weight_mass():
     hard, _ = round_to_budget(gm, 0.6 * dense, "params")
     kept = hard[1:].nonzero().flatten().tolist()
     assert kept == list(range(8 - len(kept), 8))  # the heaviest units stay
+
+
+def test_rounding_keeps_a_unit_of_every_channel_group():
+    """A group with no unit left cuts a trunk that no residual bypasses: the output would not depend
+    on the input (ShuffleNet at 25% of its FLOPs ended at chance this way). The rounding keeps each
+    group's best unit, and the emitted network costs what the rounding priced."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 2))
+    gm = vpsurgery.wrap(net, torch.randn(2, 4))
+    gates = vpsurgery.gates(gm)
+    first, second = sorted(gates)
+    gates[first].set(torch.full((16,), 0.05))  # the cheapest way to the budget: the whole first group
+    gates[second].set(torch.linspace(0.6, 1.0, 16))
+    dense = float(expected_cost(gm, "params").detach())
+    hard, cost = round_to_budget(gm, 0.5 * dense, "params")
+    set_flat_theta(gm, hard)
+    assert all(float(g.theta.max()) == 1.0 for g in gates.values())
+    assert float(gates[first].theta.sum()) == 1.0  # its best unit only
+    x = torch.randn(8, 4)
+    small = vpsurgery.shrink(gm)
+    assert sum(p.numel() for p in small.parameters()) == pytest.approx(cost)
+    assert small(x).std(0).min() > 0  # the output still depends on the input

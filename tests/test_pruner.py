@@ -70,6 +70,8 @@ def own_loop(gated, loader, settings):
             if pruner.step(loss):  # theta's step; True every prune_every steps
                 model, opt = pruner.prune(opt)
         model, opt = pruner.prune(opt)
+    seed_epoch(loader, pruner.config.seed, pruner.config.epochs + 1)
+    vpsurgery.recalibrate_batchnorm(model, loader)
     return pruner
 
 

@@ -63,6 +63,11 @@ class FitConfig:
     prune_threshold: float = setting(0.0, "theta at or below which a structure is removed during training "
                                           "(0: theta reached 0 under the projection)",
                                      low=0, high=1, high_open=True)
+    bn_recalibration_batches: int = setting(100, "training batches over which every BatchNorm's statistics are "
+                                                 "re-estimated at the end (an exact average, the rest of the "
+                                                 "network in eval mode: the running averages describe the "
+                                                 "networks of the whole run); 0: keep the running averages",
+                                            low=0)
     n_train: int | None = setting(None, "training examples the regulariser is divided by (default: the "
                                         "training set's length)", kind=int, low=1)
     seed: int = setting(0, "seed of each epoch's data order, gate samples and dropout (derived from seed and "

@@ -41,6 +41,7 @@ import functools
 import math
 
 from vpsurgery.config import FitConfig, make_config
+from vpsurgery.train.batchnorm import recalibrate_batchnorm
 from vpsurgery.train.pruner import Pruner
 
 try:
@@ -141,9 +142,14 @@ class PruningCallback(pl.Callback):
             self._prune(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.pruner is not None and self.pruner.config.target is not None and not self.pruner.hard:
+        if self.pruner is None:
+            return
+        if self.pruner.config.target is not None and not self.pruner.hard:
             self.pruner.harden()  # no hardened epoch was left: round to the budget at the end
             self._prune(trainer, pl_module)
+        # as fit ends: BatchNorm statistics of the final network (vpsurgery.train.batchnorm)
+        recalibrate_batchnorm(self.pruner.model, trainer.train_dataloader,
+                              batches=self.pruner.config.bn_recalibration_batches, device=pl_module.device)
 
     def _prune(self, trainer, pl_module) -> None:
         before = self.pruner.model

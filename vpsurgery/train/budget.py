@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from vpsurgery.train.objective import expected_cost, flat_theta, weight_mass
+from vpsurgery.train.objective import expected_cost, flat_theta, group_slots, weight_mass
 
 
 def scheduled_target(target: float, progress: float) -> float:
@@ -50,17 +50,23 @@ class PriceController:
 def round_to_budget(gm: fx.GraphModule, budget: float, per: str) -> tuple[torch.Tensor, float]:
     """A 0/1 flat theta whose network costs at most `budget` (absolute params or MACs) and is the
     largest such prefix of the structures ranked by theta; ties (e.g. theta still at 1 after a short
-    run) are broken by the weight mass each structure governs per unit of its cost. Returns the hard
-    flat theta (slot 0 is the constant 1) and its cost. If even keeping nothing prunable is over
-    budget, returns that assignment: the caller reports the target as out of reach."""
+    run) are broken by the weight mass each structure governs per unit of its cost; every channel
+    group keeps at least its best-ranked unit. Returns the hard flat theta (slot 0 is the constant
+    1) and its cost. If even the least it may keep is over budget, returns that assignment: the
+    caller reports the target as out of reach."""
     theta = flat_theta(gm).detach().clone().requires_grad_(True)
     with torch.enable_grad():  # d/d theta_s of the sums: what structure s governs
         grad_mass = torch.autograd.grad(weight_mass(gm, theta), theta)[0]
         grad_cost = torch.autograd.grad(expected_cost(gm, per, theta), theta)[0]
     value = theta.detach()[1:]
     mass_per_cost = grad_mass[1:] / grad_cost[1:].clamp_min(1e-12)
+    rank = lambda i: (float(value[i]), float(mass_per_cost[i]))  # noqa: E731
+    # Every channel group keeps its best unit: a group with no unit left cuts the network where the
+    # group is not inside a residual branch (e.g. a trunk of concats, as in ShuffleNet), so the
+    # output no longer depends on the input; removing a whole branch is what section gates are for.
+    last = {max((s - 1 for s in slots), key=rank) for slots in group_slots(gm) if len(slots)}
     # ascending: the first in this order are removed first
-    order = sorted(range(len(value)), key=lambda i: (float(value[i]), float(mass_per_cost[i])))
+    order = sorted((i for i in range(len(value)) if i not in last), key=rank)
 
     def hard(removed: int) -> torch.Tensor:
         t = torch.ones_like(theta.detach())

@@ -40,10 +40,11 @@ from tqdm import tqdm
 
 from vpsurgery.config import FitConfig, default, make_config
 from vpsurgery.surgery import gates as gates_of
+from vpsurgery.train.batchnorm import batchnorms, recalibrate_batchnorm
 from vpsurgery.train.checkpoint import (CHECKPOINT, cannot_resume, fingerprint, fingerprint_difference,
                                         load_checkpoint, save_checkpoint)
 from vpsurgery.train.objective import macs_per_weight_entry
-from vpsurgery.train.precision import autocast
+from vpsurgery.train.precision import autocast, to_device
 from vpsurgery.train.pruner import AT_END, Pruner, check_gated
 
 
@@ -119,6 +120,8 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, config: FitConfig 
         t0 = time.perf_counter()
         stats = _train_epoch(run, train_loader, dev, loss_fn, epoch, progress and rank0)
         run.prune()
+        if epoch == config.epochs:
+            _recalibrate(run, train_loader, dev, loss_fn, say)
         val_acc = evaluate(pruner.model, val_loader, dev) if val_loader is not None else None
         history.append(_epoch_record(pruner, epoch, stats, val_acc, time.perf_counter() - t0))
         if ckpt_path is not None:
@@ -130,6 +133,7 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, config: FitConfig 
             say(_log_line(history[-1], config.epochs))
     if config.target is not None and not pruner.hard:  # harden=0 (or too few epochs): round at the end
         _harden(run, say)
+        _recalibrate(run, train_loader, dev, loss_fn, say)
     return FitResult(pruner.model, history, pruner.removed_units, pruner.removed_sections, dense_params, dense_macs,
                      pruner.state.decided_before_hardening,
                      _removal_epoch(history, dense_params if config.per == "params" else dense_macs, config.per),
@@ -182,6 +186,19 @@ def _harden(run: _Run, log) -> None:
         else:
             log(f"{done}; the rest rounded and frozen")
     run.prune()
+
+
+def _recalibrate(run: _Run, loader, dev, loss_fn, log) -> None:
+    """BatchNorm statistics of the network training ends with (vpsurgery.train.batchnorm); the
+    batches come in the order of a further epoch, so a resumed run uses the same ones."""
+    config = run.pruner.config
+    batches = config.bn_recalibration_batches
+    if batches and batchnorms(run.pruner.model):
+        seed_epoch(loader, config.seed, config.epochs + 1)
+        used = recalibrate_batchnorm(run.pruner.model, loader, batches=batches, device=dev,
+                                     forward=lambda model, batch: _forward_loss(model, batch, loss_fn, dev))
+        if log is not None:
+            log(f"BatchNorm statistics re-estimated over {used} training batches")
 
 
 def _removal_epoch(history: list[dict], dense: int, per: str, share: float = 0.9) -> int | None:
@@ -273,16 +290,6 @@ def _wrap_ddp(gm: fx.GraphModule) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------- batches
-def to_device(batch, dev: torch.device):
-    """A batch with its tensors on `dev`: (x, y) (any tuple/list) or a dict (Mapping) of tensors."""
-    move = lambda v: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v  # noqa: E731
-    if isinstance(batch, Mapping):
-        return {k: move(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move(v) for v in batch) if isinstance(batch, list) else tuple(move(v) for v in batch)
-    raise ValueError(f"a batch must be (inputs, targets) or a dict, got a {type(batch).__name__}")
-
-
 def _pair(batch):
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch

@@ -52,6 +52,17 @@ def _gate_order(gm: fx.GraphModule) -> list[str]:
     return [n for n in [*plan.groups, *plan.sections] if n in gates]
 
 
+def group_slots(gm: fx.GraphModule) -> list[range]:
+    """The flat-theta slots of each gated channel group's units, in plan order."""
+    plan, out, offset = plan_of(gm), [], 1
+    for name in _gate_order(gm):
+        size = len(plan.groups[name].units) if name in plan.groups else 1
+        if name in plan.groups:
+            out.append(range(offset, offset + size))
+        offset += size
+    return out
+
+
 def _slots(gm: fx.GraphModule) -> tuple[dict[int, int], dict[str, int]]:
     """Flat-theta slot of every gated unit id, and of every section gate."""
     plan, unit_slot, section_slot, offset = plan_of(gm), {}, {}, 1

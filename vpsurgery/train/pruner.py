@@ -40,7 +40,7 @@ from vpsurgery.config import FitConfig, make_config
 from vpsurgery.surgery import gates as gates_of
 from vpsurgery.surgery import plan as plan_of
 from vpsurgery.train.budget import PriceController, round_to_budget, scheduled_target
-from vpsurgery.train.objective import expected_cost, flat_theta, objective_and_cost, set_flat_theta
+from vpsurgery.train.objective import expected_cost, flat_theta, group_slots, objective_and_cost, set_flat_theta
 # The two things training needs from shrink beyond the public surgery API: removing an explicit set
 # of structures (the Pruner's decision, not shrink's threshold rule) and how each parameter was sliced
 # (to slice optimizer state the same way).
@@ -380,10 +380,12 @@ class Pruner:
 
     def _check_reachable(self) -> None:
         """A target below the cost of what no gate governs (pinned channels, unprunable layers) is refused."""
-        with torch.no_grad():
-            zeros = torch.zeros_like(flat_theta(self.model).detach())
-            zeros[0] = 1.0
-            floor = float(expected_cost(self.model, self.config.per, zeros)) / self.state.dense_cost
+        with torch.no_grad():  # the least the rounding keeps: every section off, one unit per channel group
+            least = torch.zeros_like(flat_theta(self.model).detach())
+            least[0] = 1.0
+            for slots in group_slots(self.model):
+                least[slots.start] = 1.0
+            floor = float(expected_cost(self.model, self.config.per, least)) / self.state.dense_cost
         if self.config.target < floor:
             raise ValueError(f"target {self.config.target:g} is out of reach: what no gate governs already costs "
                              f"{floor:.3f} of the dense {self.config.per} (see vpsurgery.report(gated)); "
