@@ -51,7 +51,7 @@ SECTION = "method"
 HEADING = "## Training: pruning during training"
 # fit arguments the benchmark decides itself (not method hyperparameters)
 NOT_HPARAMS = {"gated", "train_loader", "val_loader", "config", "epochs", "loss_fn", "device", "checkpoint_dir",
-               "resume", "progress", "log"}
+               "resume", "progress", "log", "seed"}  # seed: each run's own (--seed / --seeds), passed to fit
 
 
 # ---------------------------------------------------------------------------------- config
@@ -153,7 +153,7 @@ def run_fit(model: nn.Module, bundle, args, seed: int, epochs: int, log_prefix: 
     t0 = time.perf_counter()
     gm = vpsurgery.wrap(model, (x,))
     t_wrap = time.perf_counter() - t0
-    res = fit(gm, train, val, epochs=epochs, device=str(device(args)), progress=False,
+    res = fit(gm, train, val, epochs=epochs, device=str(device(args)), progress=False, seed=seed,
               log=lambda s: print(f"  [{log_prefix}] {s}", flush=True), **method_kwargs(args))
     t_fit = time.perf_counter() - t0
     small = vpsurgery.shrink(res.model).cpu()

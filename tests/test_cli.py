@@ -306,7 +306,7 @@ def test_a_run_that_misses_its_target_exits_1(tmp_path, monkeypatch):
     import vpsurgery.train.pruner as pruner_module
     from vpsurgery.train.objective import expected_cost, flat_theta
 
-    def keep_nothing(gm, budget, per):
+    def keep_nothing(gm, budget, per, **_):
         hard = torch.zeros_like(flat_theta(gm).detach())
         hard[0] = 1.0  # slot 0 is the constant 1
         return hard, float(expected_cost(gm, per, hard))

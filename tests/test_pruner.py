@@ -110,6 +110,26 @@ def test_a_target_lands_in_the_band(make, data, per, target, accuracy, digits):
     assert abs(share - target) <= 0.1 * target, share
     assert result.history[-1]["val_acc"] > accuracy  # pruned to the budget, not broken
     assert result.price != vpsurgery.config.default("price")  # the price was found, not given
+    sections = [g for g in vpsurgery.gates(result.model).values() if g.kind == "section"]
+    assert not result.removed_sections and all(float(g.theta) == 1.0 for g in sections)  # widths only
+
+
+def test_sections_move_with_a_price_and_stay_with_a_target_unless_asked():
+    def moving_sections(**settings):
+        pruner = Pruner(cnn(), 512, steps_per_epoch=8, **settings)
+        moving = {id(t) for t in pruner.moving_thetas()}
+        return sum(id(g.theta) in moving for g in vpsurgery.gates(pruner.model).values() if g.kind == "section")
+
+    assert moving_sections() == 2  # the papers' residual sections
+    assert moving_sections(target=0.5) == 0
+    assert moving_sections(target=0.5, prune_sections=True) == 2
+    gated = cnn()
+    for g in vpsurgery.gates(gated).values():
+        g.set(torch.full_like(g.theta, 0.7))
+    pruner = Pruner(gated, 512, steps_per_epoch=8, target=0.5)  # a target: the sections pass everything
+    assert all(float(g.theta) == 1.0 for g in vpsurgery.gates(gated).values() if g.kind == "section")
+    pruner.harden()
+    assert not vpsurgery.passes.shrink.Decision.below(pruner.model, 0.5).sections
 
 
 def test_dict_batches_take_a_loss_of_model_and_batch():

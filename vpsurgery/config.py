@@ -58,6 +58,9 @@ class FitConfig:
                                          "unset: 0.5 with a target (the rounding decides, and the network it "
                                          "keeps trains for half the run), 0.2 with a price (theta has to reach "
                                          "0 or 1 by itself)", kind=float, low=0, high=1, high_open=True)
+    prune_sections: bool | None = setting(None, "let residual sections' gates move (remove whole blocks); unset: "
+                                                "yes with a price, no with a target (a short budgeted run "
+                                                "rounded away too many sections: docs/budget.md)", kind=bool)
     prune_every: int = setting(20, "optimizer steps between physical removals of the structures whose theta is "
                                    "<= prune_threshold (also at the end of each epoch)", low=1)
     prune_threshold: float = setting(0.0, "theta at or below which a structure is removed during training "

@@ -524,6 +524,9 @@ def cmd_demo(args) -> int:
             "--epochs", str(args.epochs), "--batch-size", str(p.DEMO_BATCH_SIZE), "--out", str(out), "--show-layers",
             "--device", args.device, "--optimizer", p.DEMO_OPTIMIZER, "--lr", str(p.DEMO_LR),
             "--target", str(args.target), "--per", cli_parser.DEMO_PER]
+    # Both of the papers' structures: a budgeted run keeps its residual sections unless asked
+    # (docs/budget.md); 40 epochs are long enough for whole blocks to be decided.
+    argv.append("--prune-sections")
     if args.debug:
         argv.append("--debug")
     log(f"demo: vpsurgery {' '.join(argv)}")

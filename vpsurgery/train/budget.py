@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from vpsurgery.train.objective import expected_cost, flat_theta, group_slots, weight_mass
+from vpsurgery.train.objective import expected_cost, flat_theta, group_slots, section_slots, weight_mass
 
 
 def scheduled_target(target: float, progress: float) -> float:
@@ -47,13 +47,15 @@ class PriceController:
 
 
 @torch.no_grad()
-def round_to_budget(gm: fx.GraphModule, budget: float, per: str) -> tuple[torch.Tensor, float]:
+def round_to_budget(gm: fx.GraphModule, budget: float, per: str, *,
+                    sections: bool = True) -> tuple[torch.Tensor, float]:
     """A 0/1 flat theta whose network costs at most `budget` (absolute params or MACs) and is the
     largest such prefix of the structures ranked by theta; ties (e.g. theta still at 1 after a short
     run) are broken by the weight mass each structure governs per unit of its cost; every channel
     group keeps at least its best-ranked unit. Returns the hard flat theta (slot 0 is the constant
-    1) and its cost. If even the least it may keep is over budget, returns that assignment: the
-    caller reports the target as out of reach."""
+    1) and its cost. sections=False: the section gates are kept (rounded to 1). If even the least
+    it may keep is over budget, returns that assignment: the caller reports the target as out of
+    reach."""
     theta = flat_theta(gm).detach().clone().requires_grad_(True)
     with torch.enable_grad():  # d/d theta_s of the sums: what structure s governs
         grad_mass = torch.autograd.grad(weight_mass(gm, theta), theta)[0]
@@ -64,9 +66,11 @@ def round_to_budget(gm: fx.GraphModule, budget: float, per: str) -> tuple[torch.
     # Every channel group keeps its best unit: a group with no unit left cuts the network where the
     # group is not inside a residual branch (e.g. a trunk of concats, as in ShuffleNet), so the
     # output no longer depends on the input; removing a whole branch is what section gates are for.
-    last = {max((s - 1 for s in slots), key=rank) for slots in group_slots(gm) if len(slots)}
+    stays = {max((s - 1 for s in slots), key=rank) for slots in group_slots(gm) if len(slots)}
+    if not sections:
+        stays |= {s - 1 for s in section_slots(gm)}
     # ascending: the first in this order are removed first
-    order = sorted((i for i in range(len(value)) if i not in last), key=rank)
+    order = sorted((i for i in range(len(value)) if i not in stays), key=rank)
 
     def hard(removed: int) -> torch.Tensor:
         t = torch.ones_like(theta.detach())

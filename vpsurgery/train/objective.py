@@ -63,6 +63,11 @@ def group_slots(gm: fx.GraphModule) -> list[range]:
     return out
 
 
+def section_slots(gm: fx.GraphModule) -> list[int]:
+    """The flat-theta slots of the section gates."""
+    return sorted(_slots(gm)[1].values())
+
+
 def _slots(gm: fx.GraphModule) -> tuple[dict[int, int], dict[str, int]]:
     """Flat-theta slot of every gated unit id, and of every section gate."""
     plan, unit_slot, section_slot, offset = plan_of(gm), {}, {}, 1

@@ -40,7 +40,8 @@ from vpsurgery.config import FitConfig, make_config
 from vpsurgery.surgery import gates as gates_of
 from vpsurgery.surgery import plan as plan_of
 from vpsurgery.train.budget import PriceController, round_to_budget, scheduled_target
-from vpsurgery.train.objective import expected_cost, flat_theta, group_slots, objective_and_cost, set_flat_theta
+from vpsurgery.train.objective import (expected_cost, flat_theta, group_slots, objective_and_cost, section_slots,
+                                       set_flat_theta)
 # The two things training needs from shrink beyond the public surgery API: removing an explicit set
 # of structures (the Pruner's decision, not shrink's threshold rule) and how each parameter was sliced
 # (to slice optimizer state the same way).
@@ -76,6 +77,13 @@ def harden_share(config: FitConfig) -> float:
     if config.harden is not None:
         return config.harden
     return HARDEN_TARGET if config.target is not None else HARDEN_PRICE
+
+
+def prunes_sections(config: FitConfig) -> bool:
+    """config.prune_sections, or its default: not with a target, yes with a price."""
+    if config.prune_sections is not None:
+        return config.prune_sections
+    return config.target is None
 
 
 @dataclass
@@ -126,7 +134,12 @@ class Pruner:
         self.last_shrink: ShrinkResult | None = None  # the latest mid-training shrink (slices, plan)
         self.all_sections = set(plan_of(gated).sections)  # removed_sections: those removed by this Pruner
         self.state = PrunerState()
+        self.sections = prunes_sections(config)
         with torch.no_grad():
+            if not self.sections:  # the sections stay: their gates pass everything
+                for g in gates_of(gated).values():
+                    if g.kind == "section":
+                        g.theta.fill_(1.0)
             ones = torch.ones_like(flat_theta(gated).detach())
             self.state.dense_cost = float(expected_cost(gated, config.per, ones))
             self.state.share = float(expected_cost(gated, config.per)) / self.state.dense_cost
@@ -238,13 +251,18 @@ class Pruner:
     def thetas(self) -> list[torch.nn.Parameter]:
         return [g.theta for g in gates_of(self.model).values()]
 
+    def moving_thetas(self) -> list[torch.nn.Parameter]:
+        """The theta that theta's optimizer steps: every gate's, or the channel gates' only when
+        sections are not pruned (prune_sections)."""
+        return [g.theta for g in gates_of(self.model).values() if self.sections or g.kind != "section"]
+
     def weights(self) -> list[torch.nn.Parameter]:
         """The model's parameters apart from the gates' theta: what the weights' optimizer trains."""
         theta_ids = {id(t) for t in self.thetas()}
         return [p for p in self.model.parameters() if id(p) not in theta_ids]
 
     def _make_theta_optimizer(self) -> torch.optim.Optimizer | None:
-        thetas = self.thetas()
+        thetas = self.moving_thetas()
         if not thetas:
             return None
         lr = self.theta_lr * self.anneal(self.state.step)
@@ -279,6 +297,7 @@ class Pruner:
         with torch.no_grad():
             for t in self.thetas():
                 t.clamp_(0.0, 1.0)
+                t.grad = None  # also the fixed ones' (their gradient is never used)
         if not self.state.hard:
             cost = self._cost if self._cost is not None else expected_cost(self.model, self.config.per).detach()
             self.state.share = float(cost) / self.state.dense_cost
@@ -370,7 +389,8 @@ class Pruner:
                                                if len(flat) else 1.0)
         self.state.share_before_hardening = float(expected_cost(self.model, self.config.per)) / self.state.dense_cost
         if self.config.target is not None:
-            hard, _ = round_to_budget(self.model, self.config.target * self.state.dense_cost, self.config.per)
+            hard, _ = round_to_budget(self.model, self.config.target * self.state.dense_cost, self.config.per,
+                                      sections=self.sections)
             set_flat_theta(self.model, hard)
         else:
             for t in thetas:
@@ -385,6 +405,8 @@ class Pruner:
             least[0] = 1.0
             for slots in group_slots(self.model):
                 least[slots.start] = 1.0
+            if not self.sections:
+                least[section_slots(self.model)] = 1.0
             floor = float(expected_cost(self.model, self.config.per, least)) / self.state.dense_cost
         if self.config.target < floor:
             raise ValueError(f"target {self.config.target:g} is out of reach: what no gate governs already costs "
