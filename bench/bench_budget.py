@@ -79,8 +79,9 @@ ITERATIVE_STEPS = 4
 # vpsurgery's method changes between sessions; its rows carry the revision they ran with, a run
 # is redone under a newer one, and the report counts the newest (older rows stay on record).
 # 1: the first sweep; 2: BatchNorm statistics re-estimated at the end of fit, the budget rounding
-# keeps a unit of every channel group, residual sections are not pruned with a target.
-VPS_REVISION = 2
+# keeps a unit of every channel group, residual sections are not pruned with a target; 3: no
+# removal during the stochastic phase that would leave less than the target.
+VPS_REVISION = 3
 
 
 # ---------------------------------------------------------------------------------- data

@@ -173,6 +173,17 @@ def expected_cost(gm: fx.GraphModule, per: str = "params", theta: torch.Tensor |
     return _sums(gm, per, with_weights=False, theta=theta)[2]
 
 
+@torch.no_grad()
+def cost_without(gm: fx.GraphModule, per: str, units=(), sections=()) -> float:
+    """The cost of the network left when the given units and sections are removed and everything
+    else is kept (every other theta at 1)."""
+    unit_slot, section_slot = _slots(gm)
+    theta = torch.ones_like(flat_theta(gm).detach())
+    theta[[unit_slot[int(u)] for u in units if int(u) in unit_slot]] = 0.0
+    theta[[section_slot[s] for s in sections if s in section_slot]] = 0.0
+    return float(expected_cost(gm, per, theta))
+
+
 def weight_mass(gm: fx.GraphModule, theta: torch.Tensor | None = None) -> torch.Tensor:
     """sum_e a_e w_e^2: the squared weights expected to be kept."""
     return _sums(gm, "params", with_weights=True, theta=theta)[0]

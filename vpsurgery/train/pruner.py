@@ -40,8 +40,8 @@ from vpsurgery.config import FitConfig, make_config
 from vpsurgery.surgery import gates as gates_of
 from vpsurgery.surgery import plan as plan_of
 from vpsurgery.train.budget import PriceController, round_to_budget, scheduled_target
-from vpsurgery.train.objective import (expected_cost, flat_theta, group_slots, objective_and_cost, section_slots,
-                                       set_flat_theta)
+from vpsurgery.train.objective import (cost_without, expected_cost, flat_theta, group_slots, objective_and_cost,
+                                       section_slots, set_flat_theta)
 # The two things training needs from shrink beyond the public surgery API: removing an explicit set
 # of structures (the Pruner's decision, not shrink's threshold rule) and how each parameter was sliced
 # (to slice optimizer state the same way).
@@ -330,8 +330,15 @@ class Pruner:
     # ------------------------------------------------------------------ removal
     def decision(self) -> Decision:
         """What prune() would remove now: the structures at theta <= prune_threshold that no shrink
-        has handled yet."""
-        return Decision.below(self.model, self.config.prune_threshold, inclusive=True, new_only=True)
+        has handled yet; with a target, nothing while the stochastic phase runs if removing them
+        would leave less than the target (removal cannot be undone, and the rounding at hardening
+        can still put a structure back while it is there)."""
+        decision = Decision.below(self.model, self.config.prune_threshold, inclusive=True, new_only=True)
+        if decision and self.config.target is not None and not self.state.hard:
+            left = cost_without(self.model, self.config.per, decision.units, decision.sections)
+            if left < self.config.target * self.state.dense_cost:
+                return Decision()
+        return decision
 
     def prune(self, optimizer=None):
         """Remove physically what prune_threshold decides; returns (model, optimizer).
