@@ -7,7 +7,8 @@ from vpsurgery.surgery import gates, kept_map, plan, replay, report, shrink, wra
 from vpsurgery import rules
 from vpsurgery.rules import register_rule
 
-__all__ = ["fit", "FitResult", "TrainingDiverged", "Pruner", "objective", "recalibrate_batchnorm", "wrap", "gates", "shrink", "plan", "report",
+__all__ = ["fit", "FitResult", "TrainingDiverged", "Pruner", "objective", "recalibrate_batchnorm", "wrap", "gates",
+           "shrink", "plan", "report",
            "kept_map", "replay", "Gate", "ChannelGate", "SectionGate", "ChannelMask",
            "TraceError", "ExampleInputError", "ShrinkError", "rules", "register_rule"]
 __version__ = "0.1.0"

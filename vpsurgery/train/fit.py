@@ -120,7 +120,7 @@ def fit(gated: fx.GraphModule, train_loader, val_loader=None, config: FitConfig 
         t0 = time.perf_counter()
         stats = _train_epoch(run, train_loader, dev, loss_fn, epoch, progress and rank0)
         run.prune()
-        if epoch == config.epochs:
+        if epoch == config.epochs and (config.target is None or pruner.hard):  # else after the rounding below
             _recalibrate(run, train_loader, dev, loss_fn, say)
         val_acc = evaluate(pruner.model, val_loader, dev) if val_loader is not None else None
         history.append(_epoch_record(pruner, epoch, stats, val_acc, time.perf_counter() - t0))

@@ -56,10 +56,9 @@ def group_slots(gm: fx.GraphModule) -> list[range]:
     """The flat-theta slots of each gated channel group's units, in plan order."""
     plan, out, offset = plan_of(gm), [], 1
     for name in _gate_order(gm):
-        size = len(plan.groups[name].units) if name in plan.groups else 1
         if name in plan.groups:
-            out.append(range(offset, offset + size))
-        offset += size
+            out.append(range(offset, offset + len(plan.groups[name].units)))
+        offset += len(out[-1]) if name in plan.groups else 1  # a section gate takes one slot
     return out
 
 
