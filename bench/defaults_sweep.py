@@ -53,6 +53,16 @@ def data():
     return three(bundle.train), three(bundle.val)
 
 
+def train_dense(name: str, train_loader, val_loader, epochs: int, lr: float) -> tuple[dict, float]:
+    """The dense model with fit's weight settings: (last epoch's record, val accuracy after the
+    BatchNorm re-estimation fit ends with)."""
+    tr = DenseTrainer(build(name), train_loader, val_loader, total_epochs=epochs, lr=lr, optimizer="sgd",
+                      momentum=0.9, dev=torch.device("cpu"))
+    last = [tr.run_epoch() for _ in range(epochs)][-1]
+    recalibrate_batchnorm(tr.model, train_loader)
+    return last, evaluate(tr.model, val_loader, torch.device("cpu"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=MODELS)
@@ -78,11 +88,7 @@ def main() -> None:
         for name in a.models.split(","):
             g = torch.Generator().manual_seed(0)
             tl = DataLoader(train, batch_size=64, shuffle=True, generator=g, drop_last=True)
-            tr = DenseTrainer(build(name), tl, DataLoader(val, batch_size=256), total_epochs=a.epochs, lr=lr,
-                              optimizer="sgd", momentum=0.9, dev=torch.device("cpu"))
-            last = [tr.run_epoch() for _ in range(a.epochs)][-1]
-            recalibrate_batchnorm(tr.model, tl)
-            again = evaluate(tr.model, DataLoader(val, batch_size=256), torch.device("cpu"))
+            last, again = train_dense(name, tl, DataLoader(val, batch_size=256), a.epochs, lr)
             print(f"{name}: dense, last epoch: train loss {last['loss']:.3f}, train acc {100 * last['train_acc']:.1f} %, "
                   f"val acc {100 * last['val_acc']:.1f} %, after re-estimating BatchNorm statistics "
                   f"{100 * again:.1f} %", flush=True)
@@ -111,12 +117,7 @@ def main() -> None:
                     row = f"| {name} | {per} | {target:g} | **failed**: {type(e).__name__}: {str(e)[:120]} | | | | |"
                 if a.dense:
                     if name not in dense_acc:
-                        tr = DenseTrainer(build(name), tl, vl, total_epochs=a.epochs, lr=lr, optimizer="sgd",
-                                          momentum=0.9, dev=torch.device("cpu"))
-                        for _ in range(a.epochs):
-                            tr.run_epoch()
-                        recalibrate_batchnorm(tr.model, tl)  # as fit does at its end
-                        dense_acc[name] = evaluate(tr.model, vl, torch.device("cpu"))
+                        dense_acc[name] = train_dense(name, tl, vl, a.epochs, lr)[1]
                     row += f" {100 * dense_acc[name]:.1f} % |"
                 rows.append(row)
                 print(row, flush=True)

@@ -40,8 +40,7 @@ from vpsurgery.config import FitConfig, make_config
 from vpsurgery.surgery import gates as gates_of
 from vpsurgery.surgery import plan as plan_of
 from vpsurgery.train.budget import PriceController, round_to_budget, scheduled_target
-from vpsurgery.train.objective import (cost_without, expected_cost, flat_theta, group_slots, objective_and_cost,
-                                       section_slots, set_flat_theta)
+from vpsurgery.train.objective import cost_without, expected_cost, flat_theta, objective_and_cost, set_flat_theta
 # The two things training needs from shrink beyond the public surgery API: removing an explicit set
 # of structures (the Pruner's decision, not shrink's threshold rule) and how each parameter was sliced
 # (to slice optimizer state the same way).
@@ -134,9 +133,8 @@ class Pruner:
         self.last_shrink: ShrinkResult | None = None  # the latest mid-training shrink (slices, plan)
         self.all_sections = set(plan_of(gated).sections)  # removed_sections: those removed by this Pruner
         self.state = PrunerState()
-        self.sections = prunes_sections(config)
         with torch.no_grad():
-            if not self.sections:  # the sections stay: their gates pass everything
+            if not self.prunes_sections:  # the sections stay: their gates pass everything
                 for g in gates_of(gated).values():
                     if g.kind == "section":
                         g.theta.fill_(1.0)
@@ -231,6 +229,10 @@ class Pruner:
         return max(config.theta_lr, min(THETA_TRAVEL / travel, THETA_LR_CAP))
 
     @property
+    def prunes_sections(self) -> bool:
+        return prunes_sections(self.config)
+
+    @property
     def goal(self) -> float | None:
         """The share of the dense cost aimed at now (None without a target)."""
         if self.config.target is None:
@@ -254,7 +256,7 @@ class Pruner:
     def moving_thetas(self) -> list[torch.nn.Parameter]:
         """The theta that theta's optimizer steps: every gate's, or the channel gates' only when
         sections are not pruned (prune_sections)."""
-        return [g.theta for g in gates_of(self.model).values() if self.sections or g.kind != "section"]
+        return [g.theta for g in gates_of(self.model).values() if self.prunes_sections or g.kind != "section"]
 
     def weights(self) -> list[torch.nn.Parameter]:
         """The model's parameters apart from the gates' theta: what the weights' optimizer trains."""
@@ -397,7 +399,7 @@ class Pruner:
         self.state.share_before_hardening = float(expected_cost(self.model, self.config.per)) / self.state.dense_cost
         if self.config.target is not None:
             hard, _ = round_to_budget(self.model, self.config.target * self.state.dense_cost, self.config.per,
-                                      sections=self.sections)
+                                      sections=self.prunes_sections)
             set_flat_theta(self.model, hard)
         else:
             for t in thetas:
@@ -406,15 +408,10 @@ class Pruner:
         self.state.hard = True
 
     def _check_reachable(self) -> None:
-        """A target below the cost of what no gate governs (pinned channels, unprunable layers) is refused."""
-        with torch.no_grad():  # the least the rounding keeps: every section off, one unit per channel group
-            least = torch.zeros_like(flat_theta(self.model).detach())
-            least[0] = 1.0
-            for slots in group_slots(self.model):
-                least[slots.start] = 1.0
-            if not self.sections:
-                least[section_slots(self.model)] = 1.0
-            floor = float(expected_cost(self.model, self.config.per, least)) / self.state.dense_cost
+        """A target below the least the rounding can keep (what no gate governs: pinned channels,
+        unprunable layers; a unit of every channel group; the sections it may not remove) is refused."""
+        _, least = round_to_budget(self.model, 0.0, self.config.per, sections=self.prunes_sections)
+        floor = least / self.state.dense_cost
         if self.config.target < floor:
             raise ValueError(f"target {self.config.target:g} is out of reach: what no gate governs already costs "
                              f"{floor:.3f} of the dense {self.config.per} (see vpsurgery.report(gated)); "
