@@ -73,10 +73,9 @@ def out_widths(model: torch.nn.Module) -> list[int]:
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x)
-    return int(fc.get_total_flops())
+    """FLOPs of one forward pass (vpsurgery's report counts them the same way)."""
+    from vpsurgery.reporting import count_flops as counted
+    return counted(model, x)[0]
 
 
 def human(n: float, unit: str = "") -> str:

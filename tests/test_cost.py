@@ -6,17 +6,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpsurgery
 from vpsurgery.passes.analyse import cost
+from vpsurgery.passes.capture import capture
 from vpsurgery.passes.capture.trace import trace
 from vpsurgery.train.objective import macs_per_weight_entry
 
 
 def flop_counter_macs_per_example(model, x):
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # the math kernel of attention is plain bmm, which the counter counts (on CPU it has no count
+    # for the fused kernel torch picks otherwise)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
         model(x)
     return counter.get_total_flops() / 2 / x.shape[0]
 
@@ -108,3 +112,57 @@ def test_every_macs_figure_reads_the_cost_model():
         for c in cost.layer_calls(gm) if c.module in plan.module_axes)
     assert sum(g.macs.sum() for g in plan.groups.values()) <= expected + 1e-6
     assert sum(g.macs.sum() for g in plan.groups.values()) > 0
+
+
+# --------------------------------------------------------------------------- attention's products
+from conftest import random_hard_gates  # noqa: E402
+from test_transformers import Block, EinsumAttention, FusedQKV, SeparateQKV  # noqa: E402
+
+from vpsurgery.train.objective import expected_cost  # noqa: E402
+
+ATTENTION = {
+    "sdpa": (lambda: Block(FusedQKV(32, 4, fused=True)), (2, 6, 8)),
+    "matmul": (lambda: Block(FusedQKV(32, 4, fused=False)), (2, 6, 8)),
+    "torch.matmul": (lambda: Block(SeparateQKV(32, 4)), (2, 6, 8)),
+    "einsum": (EinsumAttention, (2, 6, 8)),
+}
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_products_are_counted_as_the_flop_counter_counts_them(name):
+    """q k^T and weights x v cost MACs too: in the dense graph, and in the expected cost at a hard
+    head assignment, which is the cost of the model shrink emits."""
+    make, shape = ATTENTION[name]
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(*shape)
+    assert cost.total_macs(capture(model, (x,))[0]) == pytest.approx(flop_counter_macs_per_example(model, x),
+                                                                    rel=1e-9)
+    gated = vpsurgery.wrap(model, (x,))
+    assert cost.product_calls(gated)
+    random_hard_gates(gated, 0.5, 1, sections=0.0)
+    small = vpsurgery.shrink(gated)
+    counted = flop_counter_macs_per_example(small, x)
+    assert counted < flop_counter_macs_per_example(model, x)  # heads went, and their products with them
+    assert cost.total_macs(small) == pytest.approx(counted, rel=1e-9)
+    assert float(expected_cost(gated, "flops").detach()) == pytest.approx(counted, rel=1e-6)
+
+
+class Windows(nn.Module):
+    """Swin's layout: a Linear and a bmm on tensors whose dim 0 folds batch and windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+
+    def forward(self, x):  # (B, 4 windows x 5 tokens, 8)
+        B = x.shape[0]
+        q, k = self.qk(x.reshape(B * 4, 5, 8)).chunk(2, -1)
+        return torch.bmm(q, k.transpose(1, 2)).reshape(B, -1)
+
+
+def test_calls_on_folded_batches_are_counted_per_example_of_the_model():
+    torch.manual_seed(0)
+    model, x = Windows().eval(), torch.randn(3, 20, 8)
+    gm = trace(model, (x,))
+    assert cost.graph_batch(gm.graph) == 3  # not the weight layer's dim 0 (12: batch x windows)
+    assert cost.total_macs(gm) == pytest.approx(flop_counter_macs_per_example(model, x), rel=1e-9)

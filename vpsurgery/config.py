@@ -47,7 +47,7 @@ class FitConfig:
                                          "the last rounding meets it exactly; unset: prune at the given price",
                                    kind=float, low=0, high=1, low_open=True)
     per: str = setting("params", "what price and target count: params (kept parameters) or flops (kept "
-                                 "conv/linear multiply-accumulates per example)", choices=PER)
+                                 "conv/linear and attention multiply-accumulates per example)", choices=PER)
     sigma1: float = setting(1.0, "slab standard deviation of the weight prior (weight decay 1/(n_train "
                                  "sigma1^2) on active weights)", low=0, low_open=True)
     prior: str = setting("slab", "reading of the weight prior: slab or spike_and_slab (docs/method.md)",

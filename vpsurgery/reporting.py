@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpsurgery.io import atomic_write_bytes
@@ -36,12 +37,14 @@ def n_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
     """FLOPs of one forward pass on ``example`` (torch.utils.flop_counter; a multiply-add is
-    2 FLOPs), in total and per module name (as in ``named_modules``)."""
+    2 FLOPs), in total and per module name (as in ``named_modules``). Attention runs its math kernel
+    (plain bmm) while counting: the counter has no count for the fused CPU kernel, and with grad
+    enabled MultiheadAttention takes its unfused path, which the counter sees."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        with sdpa_kernel([SDPBackend.MATH]), counter:
             model(example)
     finally:
         model.train(was_training)

@@ -7,21 +7,42 @@ weight entry per position the weight is applied at:
   conv:            out positions (output numel / out_channels, per example) x weight.numel()
   transposed conv: in positions (input numel / in_channels, per example) x weight.numel()
   linear:          rows (output numel / out_features, per example) x weight.numel()
+and the products of two activations (attention's q k^T and weights x v), a MAC per term:
+  matmul, bmm:     output numel x the contracted size
+  scaled dot-product attention (q: ..., L, E; k: ..., S, E; v: ..., S, Ev): (output numel / Ev) x S x (E + Ev)
+  einsum of two operands: the product of the sizes of its letters
 which is what `torch.utils.flop_counter.FlopCounterMode` counts for these ops (FLOPs = 2 x MACs).
-Not counted: biases, norms, activations, pooling, attention's matrix products.
+Not counted: biases, norms, activations, pooling, einsums of three or more operands (their cost
+depends on the contraction order torch picks).
 
-"Per example": dim 0 is the batch when the input is batched (conv: spatial + 2 dims; linear:
-2 dims or more); an unbatched call is one example.
+"Per example": every call's MACs are divided by one batch size, the graph's (`graph_batch`: dim 0
+of the first weight layer's tensor when that is batched, conv: spatial + 2 dims, linear: 2 dims or
+more; 1 when it is unbatched). Not each call's own dim 0: windowed attention and heads fold other
+dims into dim 0 (Swin's linears and bmm run on B*windows x tokens x C), which would undercount them.
+
+A weight layer's MACs belong to its weight entries (the objective prices each entry); an activation
+product's belong to the positions of its output's channel axis (attention heads: a removed head
+takes its share of the product with it), or to no unit when that axis is not prunable.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+import operator
+
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..capture.trace import is_tensor_meta, tensor_meta
 from ..rules import facts
+
+aten = torch.ops.aten
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default, aten.mm.default, "matmul", "bmm"}
+_SDPAS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_EINSUMS = {torch.einsum, torch.functional.einsum, aten.einsum.default}
 
 
 @dataclass(frozen=True)
@@ -32,49 +53,154 @@ class LayerCall:
     macs: float  # MACs per example of the call (per_entry x weight.numel())
 
 
-def _per_example(shape, batched: bool) -> int:
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    return numel // max(int(shape[0]), 1) if batched and len(shape) else numel
+def _numel(shape) -> int:
+    return math.prod(int(d) for d in shape)
 
 
-def per_weight_entry(node: fx.Node, modules) -> float | None:
-    """MACs per example per weight entry of one conv/linear call; None for other nodes (or
-    nodes without recorded shapes)."""
+def _layer_input_shape(node: fx.Node, m: nn.Module):
+    """The shape whose positions the weight is applied at (conv: output; transposed conv: input;
+    linear: output rows), or None."""
+    if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
+        x = node.args[0] if node.args else None
+        meta = tensor_meta(x) if isinstance(x, fx.Node) else None
+    else:
+        meta = tensor_meta(node)
+    return tuple(meta.shape) if is_tensor_meta(meta) else None
+
+
+def _layer(node: fx.Node, modules) -> nn.Module | None:
     if node.op != "call_module" or facts(node, modules).layer != 1:
         return None
     m = modules[node.target]
-    w = getattr(m, "weight", None)
-    out = tensor_meta(node)
-    if w is None or not is_tensor_meta(out):
+    if getattr(m, "weight", None) is None or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
         return None
-    if isinstance(m, nn.Linear):
-        return _per_example(out.shape, len(out.shape) >= 2) / max(m.out_features, 1)
-    if isinstance(m, nn.modules.conv._ConvNd):
-        spatial = len(m.kernel_size)
-        if m.transposed:
-            x = node.args[0] if node.args else None
-            inp = tensor_meta(x) if isinstance(x, fx.Node) else None
-            if not is_tensor_meta(inp):
-                return None
-            return _per_example(inp.shape, len(inp.shape) == spatial + 2) / max(m.in_channels, 1)
-        return _per_example(out.shape, len(out.shape) == spatial + 2) / max(m.out_channels, 1)
-    return None  # a layer kind this model does not know the cost of
+    return m
 
 
-def call_macs(node: fx.Node, modules) -> float | None:
-    """MACs per example of one conv/linear call; None for other nodes."""
-    per = per_weight_entry(node, modules)
-    return None if per is None else per * modules[node.target].weight.numel()
+def _batch_of(node: fx.Node, m: nn.Module) -> int | None:
+    """The batch size of one weight-layer call: dim 0 when its tensor is batched (conv: spatial + 2
+    dims; linear: 2 dims or more), else 1 (an unbatched call is one example)."""
+    shape = _layer_input_shape(node, m)
+    if shape is None or not shape:
+        return None
+    batched = len(shape) == len(m.kernel_size) + 2 if isinstance(m, nn.modules.conv._ConvNd) else len(shape) >= 2
+    return max(int(shape[0]), 1) if batched else 1
+
+
+def graph_batch(graph: fx.Graph) -> int:
+    """The one batch size every cost of a graph is divided by: dim 0 of its first tensor input, when
+    the graph is batched (its first weight-layer call is batched: see _batch_of; in a graph without
+    one, when that input has 2 dims or more), else 1. One divisor for every call, not each call's
+    own dim 0, keeps calls on tensors that fold other dims into dim 0 (windows, heads, frames) at
+    their true cost."""
+    first = next((n for n in graph.find_nodes(op="placeholder") if is_tensor_meta(tensor_meta(n))), None)
+    if first is None or not len(tensor_meta(first).shape):
+        return 1
+    size = max(int(tensor_meta(first).shape[0]), 1)
+    root = graph.owning_module
+    for n in graph.find_nodes(op="call_module") if root is not None else ():
+        m = _layer(n, {n.target: root.get_submodule(n.target)})
+        batch = _batch_of(n, m) if m is not None else None
+        if batch is not None:
+            return size if batch > 1 or size == 1 else 1
+    return size if len(tensor_meta(first).shape) >= 2 else 1
+
+
+def per_weight_entry(node: fx.Node, modules, batch: int | None = None) -> float | None:
+    """MACs per example per weight entry of one conv/linear call; None for other nodes (or
+    nodes without recorded shapes). `batch`: graph_batch of its graph (computed when None)."""
+    m = _layer(node, modules)
+    shape = _layer_input_shape(node, m) if m is not None else None
+    if shape is None:
+        return None
+    channels = m.out_features if isinstance(m, nn.Linear) else m.in_channels if m.transposed else m.out_channels
+    batch = graph_batch(node.graph) if batch is None else batch
+    return _numel(shape) / batch / max(channels, 1)
+
+
+def call_macs(node: fx.Node, modules, batch: int | None = None) -> float | None:
+    """MACs per example of one conv/linear call or activation product; None for other nodes."""
+    batch = graph_batch(node.graph) if batch is None else batch
+    per = per_weight_entry(node, modules, batch)
+    return product_macs(node, batch) if per is None else per * modules[node.target].weight.numel()
+
+
+def product_macs(node: fx.Node, batch: int | None = None) -> float | None:
+    """MACs per example of a product of two activations (matmul, bmm, scaled dot-product
+    attention, two-operand einsum); None for other nodes or where a shape is not known."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    target = node.target
+    out = tensor_meta(node)
+    if not is_tensor_meta(out):
+        return None
+    if target in _MATMULS:
+        a = tensor_meta(node.args[0]) if node.args else None
+        macs = math.prod(out.shape) * int(a.shape[-1]) if is_tensor_meta(a) and len(a.shape) else None
+    elif target in _SDPAS:
+        q, k = (tensor_meta(_arg(node, i, name)) for i, name in ((0, "query"), (1, "key")))
+        if not (is_tensor_meta(q) and is_tensor_meta(k)) or len(out.shape) < 2:
+            return None
+        ev = int(out.shape[-1])
+        macs = math.prod(out.shape) // max(ev, 1) * int(k.shape[-2]) * (int(q.shape[-1]) + ev)
+    elif target in _EINSUMS:
+        macs = _einsum_macs(node)
+    else:
+        return None
+    return None if macs is None else macs / (graph_batch(node.graph) if batch is None else batch)
+
+
+def product_macs_along(node: fx.Node, dim: int, batch: int | None = None) -> float:
+    """MACs per example of a product (product_macs) that go with each position of its output's dim
+    `dim`: an equal share of every output element's cost, except attention's value dim, which
+    takes only its column of weights x v (q k^T is the same whichever value channels stay)."""
+    batch = graph_batch(node.graph) if batch is None else batch
+    total, out = product_macs(node, batch), tensor_meta(node)
+    size = int(out.shape[dim])
+    if node.target in _SDPAS and dim % len(out.shape) == len(out.shape) - 1:
+        k = tensor_meta(_arg(node, 1, "key"))
+        return math.prod(out.shape) // size * int(k.shape[-2]) / batch
+    return total / size
+
+
+def _arg(node, i, name):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def _einsum_macs(node) -> int | None:
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or len(operands) != 2 or "..." in equation:
+        return None
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    sizes = {}
+    for letters, x in zip(inputs, operands):
+        meta = tensor_meta(x)
+        if not is_tensor_meta(meta) or len(meta.shape) != len(letters):
+            return None
+        sizes.update(zip(letters, (int(d) for d in meta.shape)))
+    return math.prod(sizes.values())
+
+
+@dataclass(frozen=True)
+class ProductCall:
+    node: str
+    macs: float  # MACs per example
+
+
+def product_calls(gm: fx.GraphModule) -> list[ProductCall]:
+    """Every product of two activations in `gm` with a known cost, in graph order."""
+    batch = graph_batch(gm.graph)
+    return [ProductCall(n.name, m) for n in gm.graph.nodes if (m := product_macs(n, batch))]
 
 
 def layer_calls(gm: fx.GraphModule) -> list[LayerCall]:
     """Every conv/linear call of `gm`, in graph order, with its cost."""
-    modules = dict(gm.named_modules())
+    modules, batch = dict(gm.named_modules()), graph_batch(gm.graph)
     out = []
     for node in gm.graph.nodes:
-        per = per_weight_entry(node, modules)
+        per = per_weight_entry(node, modules, batch)
         if per is not None:
             out.append(LayerCall(node.name, node.target, per, per * modules[node.target].weight.numel()))
     return out
@@ -89,5 +215,5 @@ def macs_per_weight_entry(gm: fx.GraphModule) -> dict[str, float]:
 
 
 def total_macs(gm: fx.GraphModule) -> int:
-    """Conv/linear MACs per example of `gm` (its current weights)."""
-    return int(round(sum(c.macs for c in layer_calls(gm))))
+    """Conv/linear and activation-product MACs per example of `gm` (its current shapes)."""
+    return int(round(sum(c.macs for c in layer_calls(gm)) + sum(c.macs for c in product_calls(gm))))

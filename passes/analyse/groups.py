@@ -12,7 +12,7 @@ from ..channels import ChannelSpace, Layout
 from ..capture.trace import is_tensor_meta, tensor_meta
 from ..plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
 from ..rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
-from .cost import call_macs
+from .cost import call_macs, graph_batch, product_macs, product_macs_along
 
 MAX_PARAM_IDS = 1 << 18  # a parameter read as a tensor gets one id per element; cap the cost (a ViT-B position table is 151k)
 
@@ -445,6 +445,7 @@ def _unit_costs(gm, modules, module_axes, node_axes):
     """Parameters and MACs removed with each unit (first order: a weight entry whose in and out
     channel both go is counted twice, as in every L0-style size penalty)."""
     params, macs = _Sums(), _Sums()
+    batch = graph_batch(gm.graph)
     seen = set()  # a parameter tied between modules is counted once
     for name, axes in module_axes.items():
         m = modules[name]
@@ -462,7 +463,7 @@ def _unit_costs(gm, modules, module_axes, node_axes):
         if node.op != "call_module" or node.target not in module_axes:
             continue
         m = modules[node.target]
-        total = call_macs(node, modules)  # MACs of this call, per example
+        total = call_macs(node, modules, batch)  # MACs of this call, per example
         if total is None:
             continue
         for axis_name in ("in", "out"):
@@ -470,4 +471,8 @@ def _unit_costs(gm, modules, module_axes, node_axes):
             if ax is None or (axis_name == "in" and getattr(m, "groups", 1) > 1):
                 continue
             macs.add(ax.units, total / len(ax.units))
+    for node in gm.graph.nodes:  # attention's products: a head takes its share with it
+        ax = node_axes.get(node.name)
+        if isinstance(ax, Axis) and len(ax.units) and product_macs(node, batch):
+            macs.add(ax.units, product_macs_along(node, ax.dim, batch))
     return params.result(), macs.result()

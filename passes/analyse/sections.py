@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..capture.trace import tensor_meta
 from ..rules import _same, facts, lookup
 from ..plan import Section, Unprunable
-from .cost import call_macs
+from .cost import call_macs, graph_batch
 
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", torch.ops.aten.add.Tensor}
 
@@ -90,7 +90,8 @@ def _section(gm, modules, graph, add, branch_arg, nodes) -> Section:
         n.target for n in gm.graph.nodes if n.op == "get_attr" and n not in nodes}  # e.g. layer scale
     params = sum(p.numel() for m in own for p in modules[m].parameters()) + sum(
         _attr(gm, t).numel() for t in attrs if isinstance(_attr(gm, t), nn.Parameter))
-    macs = sum(call_macs(n, modules) or 0 for n in nodes)
+    batch = graph_batch(gm.graph)
+    macs = sum(call_macs(n, modules, batch) or 0 for n in nodes)
     sub = graph.subgraph(nodes)
     depth = _layer_depth(sub, modules)
     return Section(f"sec_{add.name}", add.name, branch_arg, [n.name for n in names], own, params, int(macs), depth)

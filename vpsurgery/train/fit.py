@@ -43,7 +43,7 @@ from vpsurgery.surgery import gates as gates_of
 from vpsurgery.train.batchnorm import batchnorms, recalibrate_batchnorm
 from vpsurgery.train.checkpoint import (CHECKPOINT, cannot_resume, fingerprint, fingerprint_difference,
                                         load_checkpoint, save_checkpoint)
-from vpsurgery.train.objective import macs_per_weight_entry
+from vpsurgery.passes.analyse.cost import total_macs
 from vpsurgery.train.precision import autocast, to_device
 from vpsurgery.train.pruner import AT_END, Pruner, check_gated
 
@@ -63,7 +63,7 @@ class FitResult:
     removed_units: set[int] = field(default_factory=set)
     removed_sections: set[str] = field(default_factory=set)
     dense_params: int = 0  # of the model fit was given (gates excluded)
-    dense_macs: int = 0  # conv/linear MACs per example of the model fit was given
+    dense_macs: int = 0  # conv/linear and attention MACs per example of the model fit was given
     decided_before_hardening: float | None = None  # share of theta at 0 or 1 by itself before the rounding
     removal_90_epoch: int | None = None  # first epoch by whose end 90% of the run's removal (in `per`) was done
     price: float | None = None  # the price at the end (found by the controller when a target is set)
@@ -472,8 +472,8 @@ def kept_params(gm: fx.GraphModule) -> int:
 
 
 def kept_macs(gm: fx.GraphModule) -> int:
-    """Conv/linear multiply-accumulates per example."""
-    return int(sum(m * gm.get_submodule(name).weight.numel() for name, m in macs_per_weight_entry(gm).items()))
+    """Conv/linear and activation-product multiply-accumulates per example (the one cost model)."""
+    return total_macs(gm)
 
 
 def _epoch_record(pruner: Pruner, epoch: int, stats: dict, val_acc, seconds: float) -> dict:

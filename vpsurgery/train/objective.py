@@ -8,7 +8,10 @@ regulariser is
     prior='slab'            R = sum_e a_e * (w_e^2 / (2 sigma1^2) + price_e)
     prior='spike_and_slab'  R = sum_e a_e * (w_e^2 / (2 sigma1^2) + price_e) + (1 - a_e) * w_e^2 / (2 sigma0^2)
 
-with price_e = price (per='params') or price * MACs per example of the entry (per='flops').
+with price_e = price (per='params') or price * MACs per example of the entry (per='flops'). With
+per='flops' the products of two activations (attention's q k^T and weights x v) are priced too, a
+weightless term a_p * MACs_p per position p of their output's channel axis (its unit's theta, and
+its section's), plus whatever part of their cost no unit takes (a constant).
 Both are multilinear in theta. `objective` returns R / n_train, the per-example term that is added
 to the mean minibatch loss.
 """
@@ -25,18 +28,22 @@ from vpsurgery.passes.gate.insert import GATES
 from vpsurgery.passes.rules import MODULE_RULES
 from vpsurgery.passes.analyse import cost as _cost
 from vpsurgery.passes.attach import plan_of
+from vpsurgery.passes.plan import Axis
 
 _CACHE_KEY = "vpsurgery.objective_index"
 
 
 @dataclass
 class _Entry:
-    """One parameter tensor: which flat-theta slots govern it, and its MACs per entry."""
+    """One parameter tensor: which flat-theta slots govern it, and its MACs per entry. Or, with
+    qualname None, one product of two activations: the slots of its output axis' positions, the
+    MACs per position, and the MACs no unit takes (`constant`)."""
 
-    qualname: str
+    qualname: str | None
     axes: list[tuple[int, torch.Tensor]]  # (param dim, index into flat theta per position)
     section: int  # index into flat theta of its section's gate (0: always on)
     macs_per_entry: float
+    constant: float = 0.0
 
 
 def flat_theta(gm: fx.GraphModule) -> torch.Tensor:
@@ -106,6 +113,21 @@ def _build_index(gm: fx.GraphModule) -> list[_Entry]:
                 axes.append((d, torch.tensor([unit_slot.get(int(u), 0) for u in units], dtype=torch.long)))
             entries.append(_Entry(f"{mname}.{pname}" if mname else pname, axes, in_section.get(mname, 0),
                                   macs.get(mname, 0.0) if pname == "weight" else 0.0))
+    node_section = {n: section_slot[s.name] for s in plan.sections.values() if s.name in section_slot
+                    for n in s.nodes}
+    batch = _cost.graph_batch(gm.graph)
+    for node in gm.graph.nodes:
+        total = _cost.product_macs(node, batch)
+        if not total:
+            continue
+        ax = plan.node_axes.get(node.name)
+        if isinstance(ax, Axis) and len(ax.units):
+            per = _cost.product_macs_along(node, ax.dim, batch)
+            slots = torch.tensor([unit_slot.get(int(u), 0) for u in ax.units], dtype=torch.long)
+            entries.append(_Entry(None, [(0, slots)], node_section.get(node.name, 0), per,
+                                  max(total - per * len(ax.units), 0.0)))
+        else:
+            entries.append(_Entry(None, [], node_section.get(node.name, 0), 0.0, total))
     return entries
 
 
@@ -164,7 +186,7 @@ def objective_and_cost(gm: fx.GraphModule, n_train: int, *, price: float, sigma1
 
 
 def expected_cost(gm: fx.GraphModule, per: str = "params", theta: torch.Tensor | None = None) -> torch.Tensor:
-    """E[kept parameters] (per='params') or E[kept conv/linear MACs per example] (per='flops') under
+    """E[kept parameters] (per='params') or E[kept conv/linear and attention MACs per example] (per='flops') under
     the gates, sum_e a_e cost_e; differentiable in theta. With every theta at 0 or 1 it is the cost of
     the network shrink emits. `theta`: a flat theta (see flat_theta) to evaluate instead of the gates'."""
     if per not in PER:
@@ -205,6 +227,11 @@ def _sums(gm, per, *, with_weights, spike=False, theta=None):
     theta = flat_theta(gm) if theta is None else theta
     slab = spikes = cost = theta.new_zeros(())
     for e in _index(gm, device):
+        if e.qualname is None:  # a product of activations: MACs only
+            if per == "flops":
+                kept = sum((theta[idx].sum() for _, idx in e.axes), theta.new_zeros(()))
+                cost = cost + theta[e.section] * (e.macs_per_entry * kept + e.constant)
+            continue
         w = params[e.qualname]
         # Sum over the dims no gate governs first: the theta products then touch one entry per
         # (gated position, gated position), not every kernel entry.
