@@ -37,16 +37,18 @@ def n_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
     """FLOPs of one forward pass on ``example`` (torch.utils.flop_counter; a multiply-add is
-    2 FLOPs), in total and per module name (as in ``named_modules``). Attention runs its math kernel
-    (plain bmm) while counting: the counter has no count for the fused CPU kernel, and with grad
-    enabled MultiheadAttention takes its unfused path, which the counter sees."""
-    was_training = model.training
+    2 FLOPs), in total and per module name (as in ``named_modules``). Attention runs unfused while
+    counting (the math kernel, plain bmm, and MultiheadAttention without its fast path): the counter
+    has no count for the fused CPU kernels."""
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         with sdpa_kernel([SDPBackend.MATH]), counter:
             model(example)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     per_module = {}
     for name, ops in counter.get_flop_counts().items():

@@ -10,6 +10,7 @@ weight entry per position the weight is applied at:
 and the products of two activations (attention's q k^T and weights x v), a MAC per term:
   matmul, bmm:     output numel x the contracted size
   scaled dot-product attention (q: ..., L, E; k: ..., S, E; v: ..., S, Ev): (output numel / Ev) x S x (E + Ev)
+  (and attention_heads, nn.MultiheadAttention split by capture: the same, summed over heads)
   einsum of two operands: the product of the sizes of its letters
 which is what `torch.utils.flop_counter.FlopCounterMode` counts for these ops (FLOPs = 2 x MACs).
 Not counted: biases, norms, activations, pooling, einsums of three or more operands (their cost
@@ -37,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.trace import is_tensor_meta, tensor_meta
+from ..ops import attention_heads
 from ..rules import facts
 
 aten = torch.ops.aten
@@ -143,6 +145,11 @@ def product_macs(node: fx.Node, batch: int | None = None) -> float | None:
             return None
         ev = int(out.shape[-1])
         macs = math.prod(out.shape) // max(ev, 1) * int(k.shape[-2]) * (int(q.shape[-1]) + ev)
+    elif target is attention_heads:  # (N, L, heads x head_dim) in and out: q k^T and weights x v per head
+        q, k, v = (tensor_meta(a) for a in node.args[:3])
+        if not all(is_tensor_meta(t) and len(t.shape) == 3 for t in (q, k, v)):
+            return None
+        macs = int(q.shape[0]) * int(q.shape[1]) * int(k.shape[1]) * (int(q.shape[2]) + int(v.shape[2]))
     elif target in _EINSUMS:
         macs = _einsum_macs(node)
     else:
