@@ -17,8 +17,8 @@ Not counted: biases, norms, activations, pooling, einsums of three or more opera
 depends on the contraction order torch picks).
 
 "Per example": every call's MACs are divided by one batch size, the graph's (`graph_batch`: dim 0
-of the first weight layer's tensor when that is batched, conv: spatial + 2 dims, linear: 2 dims or
-more; 1 when it is unbatched). Not each call's own dim 0: windowed attention and heads fold other
+of its first input when its first weight layer runs batched, conv: spatial + 2 dims, linear: 2
+dims or more; 1 when that layer runs unbatched). Not each call's own dim 0: windowed attention and heads fold other
 dims into dim 0 (Swin's linears and bmm run on B*windows x tokens x C), which would undercount them.
 
 A weight layer's MACs belong to its weight entries (the objective prices each entry); an activation
@@ -27,10 +27,9 @@ takes its share of the product with it), or to no unit when that axis is not pru
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -79,20 +78,19 @@ def _layer(node: fx.Node, modules) -> nn.Module | None:
     return m
 
 
-def _batch_of(node: fx.Node, m: nn.Module) -> int | None:
-    """The batch size of one weight-layer call: dim 0 when its tensor is batched (conv: spatial + 2
-    dims; linear: 2 dims or more), else 1 (an unbatched call is one example)."""
+def _runs_batched(node: fx.Node, m: nn.Module) -> bool | None:
+    """Is one weight-layer call batched (conv: spatial + 2 dims; linear: 2 dims or more)? None
+    where its shape is not known."""
     shape = _layer_input_shape(node, m)
-    if shape is None or not shape:
+    if not shape:
         return None
-    batched = len(shape) == len(m.kernel_size) + 2 if isinstance(m, nn.modules.conv._ConvNd) else len(shape) >= 2
-    return max(int(shape[0]), 1) if batched else 1
+    return len(shape) == len(m.kernel_size) + 2 if isinstance(m, nn.modules.conv._ConvNd) else len(shape) >= 2
 
 
 def graph_batch(graph: fx.Graph) -> int:
     """The one batch size every cost of a graph is divided by: dim 0 of its first tensor input, when
-    the graph is batched (its first weight-layer call is batched: see _batch_of; in a graph without
-    one, when that input has 2 dims or more), else 1. One divisor for every call, not each call's
+    the graph is batched (its first weight-layer call is: see _runs_batched; in a graph without
+    one, when that input has 2 dims or more), else 1 (an unbatched call is one example). One divisor for every call, not each call's
     own dim 0, keeps calls on tensors that fold other dims into dim 0 (windows, heads, frames) at
     their true cost."""
     first = next((n for n in graph.find_nodes(op="placeholder") if is_tensor_meta(tensor_meta(n))), None)
@@ -102,9 +100,9 @@ def graph_batch(graph: fx.Graph) -> int:
     root = graph.owning_module
     for n in graph.find_nodes(op="call_module") if root is not None else ():
         m = _layer(n, {n.target: root.get_submodule(n.target)})
-        batch = _batch_of(n, m) if m is not None else None
-        if batch is not None:
-            return size if batch > 1 or size == 1 else 1
+        batched = _runs_batched(n, m) if m is not None else None
+        if batched is not None:
+            return size if batched else 1
     return size if len(tensor_meta(first).shape) >= 2 else 1
 
 
