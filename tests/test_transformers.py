@@ -215,3 +215,22 @@ def test_einsum_attention_prunes_by_heads_exactly():
     vpsurgery.gates(gated)[next(iter(groups))].set([1, 0, 0, 1])
     small = assert_invariant(gated, x, smaller=True)
     assert small.qkv.out_features == 3 * 2 * 4
+
+
+def test_a_flops_target_counts_attention_products():
+    """With long sequences q k^T and weights x v are a third of the MACs: a FLOP target must count
+    them (torch's flop counter says what the shrunk model costs)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from vpsurgery.reporting import count_flops
+    torch.manual_seed(0)
+    model = Block(FusedQKV(32, 4, fused=True))
+    x, y = torch.randn(128, 64, 8), torch.randint(0, 5, (128,))
+    gated = vpsurgery.wrap(model, (x[:2],))
+    dense = count_flops(model.eval(), x[:2])[0]
+    products = sum(c.macs for c in vpsurgery.passes.analyse.cost.product_calls(gated)) * 2 * 2
+    assert products > 0.25 * dense
+    result = vpsurgery.fit(gated, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), None, epochs=4,
+                           optimizer="adam", lr=0.01, target=0.5, per="flops", device="cpu", progress=False,
+                           log=lambda line: None)
+    share = count_flops(vpsurgery.shrink(result.model), x[:2])[0] / dense
+    assert abs(share - 0.5) <= 0.05, share
