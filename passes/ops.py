@@ -5,15 +5,30 @@ import torch
 import torch.nn.functional as F
 
 
-def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Multi-head scaled dot-product attention over (N, L, heads*head_dim) inputs (batch first)."""
+def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
+                    attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head scaled dot-product attention over (N, L, heads*head_dim) inputs (batch first),
+    with nn.MultiheadAttention's masks: `attn_mask` (L, S) and `key_padding_mask` (N, S), each
+    boolean (True: not attended) or added to the scores. Neither has a head dim, so pruning heads
+    leaves them as they are."""
     n, length, width = q.shape
     heads = width // head_dim
     q = q.view(n, length, heads, head_dim).transpose(1, 2)
     k = k.view(n, k.shape[1], heads, head_dim).transpose(1, 2)
     v = v.view(n, v.shape[1], heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
+    mask = None if attn_mask is None else _additive(attn_mask, q.dtype)
+    if key_padding_mask is not None:
+        padding = _additive(key_padding_mask, q.dtype).view(n, 1, 1, k.shape[2])
+        mask = padding if mask is None else mask + padding
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(n, length, heads * head_dim)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: masked) as scores to add (-inf where masked), as MultiheadAttention reads it."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 torch.fx.wrap("attention_heads")  # a traced model that calls it keeps it as one call

@@ -921,11 +921,17 @@ _register(FUNCTION_RULES, (F.feature_alpha_dropout, torch.dropout, torch.alpha_d
 
 # --------------------------------------------------------------------------- attention
 def _attention_heads(ctx):
-    """attention_heads(q, k, v, head_dim): each head (its q, k and v channels, and the output
-    channels it writes) is one unit; heads never mix, so removing one removes only its own slices."""
+    """attention_heads(q, k, v, head_dim, attn_mask, key_padding_mask): each head (its q, k and v
+    channels, and the output channels it writes) is one unit; heads never mix, so removing one
+    removes only its own slices. The masks (L, S) and (N, S) are read whole: whatever channels they
+    carry stay."""
     q, k, v, head_dim = (ctx.arg(i, n) for i, n in enumerate(("q", "k", "v", "head_dim")))
     if not isinstance(head_dim, int):
         raise Unsupported("attention head size computed at run time")
+    for i, name in ((4, "attn_mask"), (5, "key_padding_mask")):
+        mask = ctx.arg(i, name)
+        if isinstance(mask, fx.Node) and ctx.is_tensor(mask):
+            ctx.pin(ctx.layout_of(mask), f"an attention {name} is read whole")
     cdim = len(ctx.shape_of(q)) - 1
     ids = [along(ctx, t, cdim) for t in (q, k, v)]
     if len({len(i) for i in ids}) != 1 or len(ids[0]) % head_dim:

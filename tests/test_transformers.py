@@ -234,3 +234,64 @@ def test_a_flops_target_counts_attention_products():
                            log=lambda line: None)
     share = count_flops(vpsurgery.shrink(result.model), x[:2])[0] / dense
     assert abs(share - 0.5) <= 0.05, share
+
+
+class MaskedAttention(nn.Module):
+    """nn.MultiheadAttention with a causal attn_mask (a buffer) and a key_padding_mask (an input),
+    as self-attention or as cross-attention onto a second stream."""
+
+    def __init__(self, batch_first: bool, cross: bool, float_mask: bool = False):
+        super().__init__()
+        self.batch_first, self.cross = batch_first, cross
+        self.emb, self.memory = nn.Linear(8, 32), nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.head = nn.Linear(32, 5)
+        causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+        self.register_buffer("causal", torch.zeros(6, 6).masked_fill(causal, -1e4) if float_mask else causal)
+
+    def forward(self, x, padding):
+        return self.attend(x, padding, self.causal)
+
+    def attend(self, x, padding, mask):
+        h = self.emb(x)
+        m = self.memory(x) if self.cross else h
+        if not self.batch_first:
+            h, m = h.transpose(0, 1), m.transpose(0, 1)
+        y, _ = self.attn(h, m, m, key_padding_mask=padding, attn_mask=mask)
+        return self.head((y if self.batch_first else y.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("cross, float_mask", [(False, False), (True, False), (False, True)],
+                         ids=["self", "cross", "float-mask"])
+def test_masked_and_cross_attention_prune_by_heads_exactly(batch_first, cross, float_mask):
+    torch.manual_seed(0)
+    model = MaskedAttention(batch_first, cross, float_mask).eval()
+    x, padding = torch.randn(2, 6, 8), torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    gated = vpsurgery.wrap(model, (x, padding), capture="fx")
+    plan = vpsurgery.plan(gated)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in gated.modules())
+    assert [len(g.units) for g in plan.groups.values()].count(4) == 1 and plan.prunable_share > 0.9, \
+        vpsurgery.report(gated)
+    with torch.no_grad():
+        assert rel_err(gated(x, padding), model(x, padding)) <= 1e-6
+    random_hard_gates(gated, 0.5, 0, sections=0.0)
+    assert_invariant(gated, x, padding, smaller=True)
+
+
+class PerHeadMask(MaskedAttention):
+    def forward(self, x, padding, per_head_mask):
+        return self.attend(x, padding, per_head_mask)
+
+
+def test_a_per_head_mask_keeps_the_attention_whole():
+    """A (N*heads, L, S) mask would have to lose rows with the heads: the call is not split."""
+    torch.manual_seed(0)
+    model = PerHeadMask(True, False).eval()
+    x, padding = torch.randn(2, 6, 8), torch.zeros(2, 6, dtype=torch.bool)
+    per_head = torch.zeros(2 * 4, 6, 6, dtype=torch.bool)
+    gated = vpsurgery.wrap(model, (x, padding, per_head), capture="fx")
+    assert any(isinstance(m, nn.MultiheadAttention) for m in gated.modules())
+    random_hard_gates(gated, 0.5, 0, sections=0.0)
+    assert_invariant(gated, x, padding, per_head)

@@ -2,8 +2,12 @@
 
 nn.MultiheadAttention is one opaque call whose inner width is tied to its embedding width, so it
 would pin the residual stream it reads. `split_attention` rewrites a self-attention call into
-in-projection (nn.Linear) -> chunk into q, k, v -> `attention_heads` -> out-projection (nn.Linear).
-Then the stream (in-projection inputs, out-projection outputs) and the heads prune independently.
+in-projection (nn.Linear) -> chunk into q, k, v -> `attention_heads` -> out-projection (nn.Linear),
+and a cross-attention call (query other than key or value) into one projection per input (the
+in-projection's rows for q, k and v). Then the streams (projection inputs, out-projection outputs)
+and the heads prune independently. A 2-D `attn_mask` and `key_padding_mask` pass to
+attention_heads; a per-head mask (N*heads, L, S) would have to shrink with the heads, so a call with
+one stays whole, as does one with dropout, bias_k/bias_v, is_causal or read attention weights.
 
 `attention_heads(q, k, v, head_dim)` splits the channel dim into heads of `head_dim`, runs scaled
 dot-product attention per head and joins the heads again. Its rule (rules.py) makes each head one
@@ -31,10 +35,12 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
 
 
 def _splittable(node: fx.Node, m: nn.MultiheadAttention) -> bool:
-    """Self-attention without masks, biases on k/v, dropout or returned weights: what attention_heads computes."""
-    q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
-    plain = (q is k is v and _arg(node, 3, "key_padding_mask") is None and _arg(node, 5, "attn_mask") is None
-             and not _arg(node, 7, "is_causal", False) and m._qkv_same_embed_dim and m.bias_k is None
+    """Attention without per-head masks, biases on k/v, dropout or returned weights: what
+    attention_heads computes."""
+    mask = _arg(node, 5, "attn_mask")
+    mask_meta = mask.meta.get("tensor_meta") if isinstance(mask, fx.Node) else None
+    two_d = mask is None or (mask_meta is not None and len(mask_meta.shape) == 2)
+    plain = (two_d and not _arg(node, 7, "is_causal", False) and m._qkv_same_embed_dim and m.bias_k is None
              and not m.add_zero_attn and m.dropout == 0.0)
     if not plain:
         return False
@@ -63,20 +69,32 @@ def split_attention(gm: fx.GraphModule) -> int:
         m = gm.get_submodule(node.target)
         if type(m) is not nn.MultiheadAttention or not _splittable(node, m):
             continue
-        holder = nn.Module()  # takes the attention module's place: in_proj and out_proj layers
-        holder.in_proj = _linear(m.in_proj_weight, m.in_proj_bias)
+        inputs = [_arg(node, i, name) for i, name in enumerate(("query", "key", "value"))]
+        holder = nn.Module()  # takes the attention module's place: the projections
         holder.out_proj = _linear(m.out_proj.weight, m.out_proj.bias)
+        names = ("q_proj", "k_proj", "v_proj")
+        if inputs[0] is inputs[1] is inputs[2]:
+            holder.in_proj = _linear(m.in_proj_weight, m.in_proj_bias)
+        else:  # one projection per input: the in-projection's rows for it
+            e = m.embed_dim
+            for i, name in enumerate(names):
+                bias = None if m.in_proj_bias is None else nn.Parameter(m.in_proj_bias.detach()[i * e:(i + 1) * e].clone())
+                setattr(holder, name, _linear(nn.Parameter(m.in_proj_weight.detach()[i * e:(i + 1) * e].clone()), bias))
         parent, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
         g = gm.graph
         with g.inserting_before(node):
-            x = node.args[0] if node.args else node.kwargs["query"]
-            if not m.batch_first:
-                x = g.call_method("transpose", (x, 0, 1))
-            qkv = g.call_module(f"{node.target}.in_proj", (x,))
-            chunks = g.call_method("chunk", (qkv, 3, -1))
-            q, k, v = (g.call_function(operator.getitem, (chunks, i)) for i in range(3))
-            out = g.call_function(attention_heads, (q, k, v, m.head_dim))
+            if not m.batch_first:  # each distinct input moved once
+                moved = {x: g.call_method("transpose", (x, 0, 1)) for x in dict.fromkeys(inputs)}
+                inputs = [moved[x] for x in inputs]
+            if hasattr(holder, "in_proj"):
+                qkv = g.call_module(f"{node.target}.in_proj", (inputs[0],))
+                chunks = g.call_method("chunk", (qkv, 3, -1))
+                q, k, v = (g.call_function(operator.getitem, (chunks, i)) for i in range(3))
+            else:
+                q, k, v = (g.call_module(f"{node.target}.{name}", (x,)) for name, x in zip(names, inputs))
+            masks = (_arg(node, 5, "attn_mask"), _arg(node, 3, "key_padding_mask"))
+            out = g.call_function(attention_heads, (q, k, v, m.head_dim, *masks))
             out = g.call_module(f"{node.target}.out_proj", (out,))
             if not m.batch_first:
                 out = g.call_method("transpose", (out, 0, 1))
