@@ -106,26 +106,24 @@ def graph_batch(graph: fx.Graph) -> int:
     return size if len(tensor_meta(first).shape) >= 2 else 1
 
 
-def per_weight_entry(node: fx.Node, modules, batch: int | None = None) -> float | None:
+def per_weight_entry(node: fx.Node, modules, batch: int) -> float | None:
     """MACs per example per weight entry of one conv/linear call; None for other nodes (or
-    nodes without recorded shapes). `batch`: graph_batch of its graph (computed when None)."""
+    nodes without recorded shapes). `batch`: graph_batch of its graph (one per graph)."""
     m = _layer(node, modules)
     shape = _layer_input_shape(node, m) if m is not None else None
     if shape is None:
         return None
     channels = m.out_features if isinstance(m, nn.Linear) else m.in_channels if m.transposed else m.out_channels
-    batch = graph_batch(node.graph) if batch is None else batch
     return _numel(shape) / batch / max(channels, 1)
 
 
-def call_macs(node: fx.Node, modules, batch: int | None = None) -> float | None:
+def call_macs(node: fx.Node, modules, batch: int) -> float | None:
     """MACs per example of one conv/linear call or activation product; None for other nodes."""
-    batch = graph_batch(node.graph) if batch is None else batch
     per = per_weight_entry(node, modules, batch)
     return product_macs(node, batch) if per is None else per * modules[node.target].weight.numel()
 
 
-def product_macs(node: fx.Node, batch: int | None = None) -> float | None:
+def product_macs(node: fx.Node, batch: int) -> float | None:
     """MACs per example of a product of two activations (matmul, bmm, scaled dot-product
     attention, two-operand einsum); None for other nodes or where a shape is not known."""
     if node.op not in ("call_function", "call_method"):
@@ -152,15 +150,15 @@ def product_macs(node: fx.Node, batch: int | None = None) -> float | None:
         macs = _einsum_macs(node)
     else:
         return None
-    return None if macs is None else macs / (graph_batch(node.graph) if batch is None else batch)
+    return None if macs is None else macs / batch
 
 
-def product_macs_along(node: fx.Node, dim: int, batch: int | None = None) -> float:
-    """MACs per example of a product (product_macs) that go with each position of its output's dim
-    `dim`: an equal share of every output element's cost, except attention's value dim, which
-    takes only its column of weights x v (q k^T is the same whichever value channels stay)."""
-    batch = graph_batch(node.graph) if batch is None else batch
-    total, out = product_macs(node, batch), tensor_meta(node)
+def product_macs_along(node: fx.Node, dim: int, total: float, batch: int) -> float:
+    """Of a product's MACs per example (`total`, from product_macs), those that go with each
+    position of its output's dim `dim`: an equal share of every output element's cost, except
+    attention's value dim, which takes only its column of weights x v (q k^T is the same whichever
+    value channels stay)."""
+    out = tensor_meta(node)
     size = int(out.shape[dim])
     if node.target in _SDPAS and dim % len(out.shape) == len(out.shape) - 1:
         k = tensor_meta(_arg(node, 1, "key"))

@@ -473,6 +473,7 @@ def _unit_costs(gm, modules, module_axes, node_axes):
             macs.add(ax.units, total / len(ax.units))
     for node in gm.graph.nodes:  # attention's products: a head takes its share with it
         ax = node_axes.get(node.name)
-        if isinstance(ax, Axis) and len(ax.units) and product_macs(node, batch):
-            macs.add(ax.units, product_macs_along(node, ax.dim, batch))
+        total = product_macs(node, batch) if isinstance(ax, Axis) and len(ax.units) else None
+        if total:
+            macs.add(ax.units, product_macs_along(node, ax.dim, total, batch))
     return params.result(), macs.result()

@@ -76,10 +76,10 @@ def split_attention(gm: fx.GraphModule) -> int:
         if inputs[0] is inputs[1] is inputs[2]:
             holder.in_proj = _linear(m.in_proj_weight, m.in_proj_bias)
         else:  # one projection per input: the in-projection's rows for it
-            e = m.embed_dim
+            def rows(t, i):
+                return None if t is None else nn.Parameter(t.detach()[i * m.embed_dim:(i + 1) * m.embed_dim].clone())
             for i, name in enumerate(names):
-                bias = None if m.in_proj_bias is None else nn.Parameter(m.in_proj_bias.detach()[i * e:(i + 1) * e].clone())
-                setattr(holder, name, _linear(nn.Parameter(m.in_proj_weight.detach()[i * e:(i + 1) * e].clone()), bias))
+                setattr(holder, name, _linear(rows(m.in_proj_weight, i), rows(m.in_proj_bias, i)))
         parent, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
         g = gm.graph

@@ -122,7 +122,7 @@ def _build_index(gm: fx.GraphModule) -> list[_Entry]:
             continue
         ax = plan.node_axes.get(node.name)
         if isinstance(ax, Axis) and len(ax.units):
-            per = _cost.product_macs_along(node, ax.dim, batch)
+            per = _cost.product_macs_along(node, ax.dim, total, batch)
             slots = torch.tensor([unit_slot.get(int(u), 0) for u in ax.units], dtype=torch.long)
             entries.append(_Entry(None, [(0, slots)], node_section.get(node.name, 0), per,
                                   max(total - per * len(ax.units), 0.0)))
