@@ -199,3 +199,43 @@ class HiddenBranch(nn.Module):
 
     def forward(self, x):
         return self.b(branchy(self.a(x)))
+
+
+def windowed_mix(x, weight, bias, window: int):
+    """Python control flow on sizes (fx keeps it whole; torch.export sees into it): pad the width
+    to a multiple of `window`, mix channels per window position with a functional 1x1 conv, and
+    return the mixed map with its per-window mean."""
+    w = x.shape[-1]
+    if w % window:
+        x = F.pad(x, (0, window - w % window))
+    mixed = F.conv2d(x, weight, bias)[..., :w]
+    return mixed, mixed.mean(-1, keepdim=True)
+
+
+torch.fx.wrap("windowed_mix")
+
+
+class WrappedHelperNet(nn.Module):
+    """A net that calls a user's fx-wrapped helper with its own parameters, twice with one
+    signature (the capture is reused) and once with another."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix_w = nn.Parameter(torch.randn(16, 16, 1, 1) * 0.3)
+        self.mix_b = nn.Parameter(torch.randn(16) * 0.1)
+        self.mix2_w = nn.Parameter(torch.randn(16, 16, 1, 1) * 0.3)
+        self.mix2_b = nn.Parameter(torch.randn(16) * 0.1)
+        self.bn = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.mix3_w = nn.Parameter(torch.randn(24, 24, 1, 1) * 0.3)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y, m = windowed_mix(x, self.mix_w, self.mix_b, 3)
+        x = torch.relu(self.bn(y + m)) + x
+        y, _ = windowed_mix(x, self.mix2_w, self.mix2_b, 3)
+        x = torch.relu(self.out(y))
+        y, m = windowed_mix(x, self.mix3_w, None, 5)
+        return self.fc((y * m).mean((2, 3)))

@@ -150,3 +150,38 @@ def test_auto_keeps_the_fx_graph_when_export_cannot_capture_what_fx_hid():
     gated = vpsurgery.wrap(HiddenBranch().eval(), (torch.randn(2, 3, 8, 8),))
     plan = vpsurgery.plan(gated)
     assert plan.capture == "fx" and any("branchy" in u.reason for u in plan.unprunable)
+
+
+def test_auto_exports_a_call_fx_keeps_whole_alone_and_splices_it_in(monkeypatch):
+    """A user's fx-wrapped helper with Python control flow on sizes: fx keeps each call whole (its
+    channels pinned); auto exports the call alone, once per signature, and splices its ops in."""
+    import vpsurgery.passes.capture.inline as inline
+    from capture_nets import WrappedHelperNet
+
+    torch.manual_seed(0)
+    model = realistic_stats(WrappedHelperNet()).eval()
+    pristine = copy.deepcopy(model)
+    x = torch.randn(1, 3, 16, 16)  # batch 1: the calls are exported at batch 2, dim 0 left free
+    by_fx = vpsurgery.plan(vpsurgery.wrap(model, (x,), capture="fx"))
+    assert by_fx.capture == "fx" and any("windowed_mix" in u.reason for u in by_fx.unprunable)
+
+    captures = []
+    real = inline._capture
+    monkeypatch.setattr(inline, "_capture", lambda *a: captures.append(a[1]) or real(*a))
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    assert len(captures) == 2  # three calls, two signatures
+    assert plan.capture == "fx+export" and "calls fx keeps whole" in vpsurgery.report(gated)
+    assert plan.prunable_share > by_fx.prunable_share and plan.prunable_share > 0.9, vpsurgery.report(gated)
+    assert not any(n.op == "call_function" and getattr(n.target, "__name__", "") == "windowed_mix"
+                   for n in gated.graph.nodes)
+    assert len(_calls(gated, nn.Conv2d)) == 5  # stem, out and the three functional 1x1 convs, lifted
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+        xs = torch.randn(4, 3, 16, 16)
+        assert rel_err(gated(xs), model(xs)) <= 1e-6  # the batch dim stays dynamic
+    random_hard_gates(gated, 0.4, 3, sections=0.5)
+    small = assert_invariant(gated, x, smaller=True)
+    assert small(torch.randn(3, 3, 16, 16)).shape == (3, 10)
+    again = vpsurgery.replay(pristine, vpsurgery.kept_map(small))  # the map replays through auto
+    assert vpsurgery.kept_map(again)["modules"] == vpsurgery.kept_map(small)["modules"]

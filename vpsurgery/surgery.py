@@ -14,7 +14,7 @@ from vpsurgery.passes.attach import plan_of, set_plan
 from vpsurgery.passes.capture.inplace import make_out_of_place
 from vpsurgery.passes.capture import capture as _capture
 from vpsurgery.passes.capture.trace import TraceError
-from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes
+from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes, shapes_known
 from vpsurgery.passes.gate.insert import GATES, insert_gates
 from vpsurgery.passes.gate.modules import ChannelMask, Gate
 from vpsurgery.passes.plan import Plan
@@ -38,9 +38,10 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     holds one is not removable, and the report lists them.
 
     `capture`: how the model becomes a graph. 'fx' (torch.fx symbolic trace), 'export' (torch.export,
-    non-strict: for models with Python control flow fx cannot trace), or 'auto' (the default: fx;
-    export where fx fails, or where an op fx cannot see into pins channels and export's graph lets
-    more of them go). `vpsurgery.plan(gated).capture` says which one was used.
+    non-strict: for models with Python control flow fx cannot trace), or 'auto' (the default: fx,
+    with each function call fx keeps whole captured alone by torch.export and spliced in ('fx+export');
+    the whole model exported where fx fails, or where an op fx cannot see into still pins channels
+    and export's graph lets more of them go). `vpsurgery.plan(gated).capture` says which was used.
     """
     _refuse_wrapped(model)
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
@@ -49,7 +50,7 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         gm, path = _capture(model, example_inputs, how=how, leaf_modules=leaf_modules, concrete_args=concrete_args)
         # out-of-place ops, so that the gated and the shrunk graphs train whatever is removed; shapes
         # do not change, so only nodes it added without them need another run
-        if make_out_of_place(gm) and not _shapes_known(gm):
+        if make_out_of_place(gm) and not shapes_known(gm):
             propagate_shapes(gm, example_inputs)
         original_depth = network_depth(gm)
         if add_residuals and not _add_residuals(gm):
@@ -62,7 +63,7 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
 
     gm, plan = analysed(capture)
     steered = bool(leaf_modules) or concrete_args is not None  # the user steers fx: stay with it
-    if capture == "auto" and plan.capture == "fx" and not steered and _blind_spots(plan):
+    if capture == "auto" and plan.capture != "export" and not steered and _blind_spots(plan):
         # fx kept a call it cannot see into (a function wrapped as a leaf, an op without a rule) that
         # pins channels: torch.export records the ops inside it; keep whichever sees more
         try:
@@ -74,10 +75,6 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm
-
-
-def _shapes_known(gm: fx.GraphModule) -> bool:
-    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
 
 
 def _blind_spots(plan: Plan) -> bool:
@@ -126,7 +123,8 @@ def replay(model: torch.nn.Module, kept: dict, example_inputs=None, **wrap_kwarg
         raise ValueError("not a vpsurgery kept map (expected the kept_map.json written by compress)")
     if example_inputs is None:
         example_inputs = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in kept["example"])
-    wrap_kwargs.setdefault("capture", kept.get("capture", "auto"))  # the path the map was made on
+    path = kept.get("capture", "auto")  # the path the map was made on ('fx+export' is auto's own choice)
+    wrap_kwargs.setdefault("capture", "auto" if path == "fx+export" else path)
     gated = wrap(model, example_inputs, **wrap_kwargs)
     removed = set(kept["removed_units"])
     axes_now = plan_of(gated).module_axes
@@ -150,10 +148,14 @@ def plan(gated: fx.GraphModule) -> Plan:
     return plan_of(gated)
 
 
+_CAPTURED_BY = {"fx": "torch.fx", "export": "torch.export",
+                "fx+export": "torch.fx (calls fx keeps whole: torch.export)"}
+
+
 def report(gated: fx.GraphModule) -> str:
     """A readable summary of what wrap found."""
     p = plan_of(gated)
-    lines = [f"captured by {'torch.export' if p.capture == 'export' else 'torch.fx'}; "
+    lines = [f"captured by {_CAPTURED_BY.get(p.capture, p.capture)}; "
              f"depth {p.depth} conv/linear layers (was {p.original_depth}); "
              f"{len(p.groups)} channel groups ({sum(len(g.units) for g in p.groups.values())} gated units), "
              f"{len(p.sections)} residual sections, {len(p.sites)} mask sites; "

@@ -7,9 +7,10 @@ import torch
 import torch.fx as fx
 
 from .attention import split_attention
-from .export import ExportError, export_graph, user_frame
+from .export import ExportError, _batched, export_graph, user_frame
+from .inline import inline_opaque_calls, opaque_calls
 from .lift import lift_layers
-from .trace import TraceError, _as_tuple, propagate_shapes, trace
+from .trace import TraceError, _as_tuple, propagate_shapes, shapes_known, trace
 
 CAPTURE_PATHS = ("auto", "fx", "export")
 
@@ -17,7 +18,8 @@ CAPTURE_PATHS = ("auto", "fx", "export")
 def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto", leaf_modules=(),
             concrete_args=None) -> tuple[fx.GraphModule, str]:
     """(graph, path): `how` 'fx' traces, 'export' exports, 'auto' traces and falls back to export when
-    fx cannot trace. The graph is a copy in the model's mode; the model is not modified."""
+    fx cannot trace; where fx traced but kept a function call whole, 'auto' captures that call alone
+    with torch.export and splices its ops in (path 'fx+export'). The graph is a copy in the model's mode; the model is not modified."""
     if how not in CAPTURE_PATHS:
         raise ValueError(f"capture={how!r}: choose one of {', '.join(map(repr, CAPTURE_PATHS))}")
     if not isinstance(model, torch.nn.Module):
@@ -44,9 +46,29 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
                 f"control flow on tensor values (torch.where, torch.cond), or (fx path) either {fx_fix}") from None
         propagate_shapes(gm, example_inputs)
         gm.train(model.training)
-    if lift_layers(gm) + split_attention(gm):
+    inlined = 0
+    if how == "auto" and path == "fx" and not leaf_modules and concrete_args is None:
+        inlined = _inline(gm, example_inputs)
+        if inlined:  # the spliced ops need shapes before layers are lifted from them
+            propagate_shapes(gm, example_inputs)
+            path = "fx+export"
+    # a lifted layer keeps the meta of the call it replaces; split attention adds nodes without
+    if (lift_layers(gm) + split_attention(gm)) and not shapes_known(gm):
         propagate_shapes(gm, example_inputs)
     return gm, path
+
+
+def _inline(gm: fx.GraphModule, example_inputs: tuple) -> int:
+    """inline_opaque_calls, on shapes at a batch of 2 or more (export freezes a size of 1)."""
+    if not opaque_calls(gm):
+        return 0
+    doubled = any(torch.is_tensor(x) and x.ndim and x.shape[0] == 1 for x in example_inputs)
+    if doubled:
+        propagate_shapes(gm, _batched(example_inputs))
+    inlined = inline_opaque_calls(gm)
+    if doubled and not inlined:
+        propagate_shapes(gm, example_inputs)
+    return inlined
 
 
 __all__ = ["CAPTURE_PATHS", "ExportError", "TraceError", "capture", "user_frame"]

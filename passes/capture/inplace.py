@@ -12,6 +12,7 @@ read later, or it updates a parameter or buffer); the dead-code logic of shrink 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 
@@ -37,14 +38,23 @@ def _inplace_kwarg(node: fx.Node) -> tuple[str, int | None] | None:
     if node.kwargs.get("inplace", False) is True:
         return "inplace", None
     try:
-        params = list(inspect.signature(node.target).parameters)
+        i = _inplace_position(node.target)
+    except TypeError:  # an unhashable callable
+        i = _inplace_position.__wrapped__(node.target)
+    if i is not None and i < len(node.args) and node.args[i] is True:
+        return "inplace", i
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target) -> int | None:
+    """The position of `target`'s 'inplace' parameter (None: it has none, or no signature); cached,
+    because inspect.signature parses a builtin's text signature on every call."""
+    try:
+        params = list(inspect.signature(target).parameters)
     except (TypeError, ValueError):
         return None
-    if "inplace" in params:
-        i = params.index("inplace")
-        if i < len(node.args) and node.args[i] is True:
-            return "inplace", i
-    return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 def is_inplace(node: fx.Node, modules) -> bool:

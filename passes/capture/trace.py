@@ -115,6 +115,12 @@ class _ShapeProp(ShapeProp):
             raise NodeFailure(n, e.__cause__ if e.__cause__ is not None else e) from e
 
 
+def shapes_known(gm: fx.GraphModule) -> bool:
+    """Has every node a recorded result? (ShapeProp records each node's type, and 'tensor_meta' for
+    tensors only, so not for sizes; a node a pass added without copying its meta has neither.)"""
+    return all("type" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
     """Run `gm` on the example inputs, recording every node's shape in `meta['tensor_meta']`.
 
