@@ -598,11 +598,12 @@ def _pad(ctx):
 FUNCTION_RULES[F.pad] = Rule(analyse=_pad)
 
 
-def _reduction(ctx):
+def _reduction(ctx, at: int = 1):
+    """A reduction over `dim` (argument `at`, keepdim after it); over the channel dim it pins."""
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
-    dims = ctx.arg(1, "dim", None)
-    keepdim = ctx.arg(2, "keepdim", False)
+    dims = ctx.arg(at, "dim", None)
+    keepdim = ctx.arg(at + 1, "keepdim", False)
     if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # none or empty: every dim
         dims = tuple(range(ndim))
     dims = {_nd(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
@@ -621,6 +622,20 @@ def _reduction(ctx):
 
 _register(FUNCTION_RULES, (torch.mean, torch.sum, torch.amax, torch.amin), Rule(analyse=_reduction))
 _register(METHOD_RULES, ("mean", "sum", "amax", "amin"), Rule(analyse=_reduction))
+# (input, ord, dim, keepdim): a norm over some dims is a reduction, and not linear
+_register(FUNCTION_RULES, (torch.linalg.vector_norm,), Rule(analyse=lambda ctx: _reduction(ctx, 2), nonlinear=True))
+
+
+def _normalize(ctx):
+    """F.normalize(x, p, dim): x over its p-norm along `dim`; the norm spans the channels there."""
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    if lay.dim is not None and lay.dim == _nd(ctx.arg(2, "dim", 1), ndim):
+        ctx.pin(lay, "normalize over the channel dim")
+    return lay
+
+
+_register(FUNCTION_RULES, (F.normalize,), Rule(analyse=_normalize, nonlinear=True))
 
 
 def _softmax(ctx):
@@ -1085,12 +1100,14 @@ METHOD_RULES["roll"] = Rule(analyse=_roll, linear=True)
 
 
 def _created_like(ctx):
-    """new_zeros, zeros_like, ...: a new tensor; only its input's dtype and device are read."""
+    """new_zeros(size), ...: a new tensor of a given size; only its input's dtype and device are read."""
     return ctx.space.background(len(ctx.out_shape), "created from sizes or constants")
 
 
-_register(FUNCTION_RULES, (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like),
-          Rule(analyse=_created_like))
+# zeros_like(x), x.fill_(v): constants in x's shape. Position i stands where x's channel i stands, so
+# removing that channel removes it (its shape follows x's at run time) and nothing else changes.
+_SHAPED_LIKE = Rule(analyse=_same)
+_register(FUNCTION_RULES, (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like), _SHAPED_LIKE)
 _register(METHOD_RULES, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), Rule(analyse=_created_like))
 
 
@@ -1154,22 +1171,25 @@ _aten("upsample_nearest2d.vec upsample_bilinear2d.vec upsample_nearest1d.vec ups
       "upsample_nearest3d.vec upsample_trilinear3d.vec upsample_bicubic2d.vec", Rule(analyse=_interpolate))
 _aten("pad constant_pad_nd", Rule(analyse=_pad))
 _aten("mean.dim sum.dim_IntList amax amin", Rule(analyse=_reduction))
+_aten("linalg_vector_norm", FUNCTION_RULES[torch.linalg.vector_norm])
 _aten("softmax.int _softmax log_softmax.int _log_softmax", _softmax_rule)
 _aten("permute transpose.int", Rule(analyse=_permute, linear=True, alias=True))
 _aten("view reshape _unsafe_view", _reshape_rule)
 _aten("flatten.using_ints squeeze.dim squeeze.dims squeeze unsqueeze", _plain_reshape)
 _aten("unflatten.int", Rule(analyse=_reshape, rewrite=_unflatten_rewrite, linear=True, alias=True))
 _aten("expand", Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=True, alias=True))
+_aten("expand_as", METHOD_RULES["expand_as"])
 _aten("cat", Rule(analyse=_cat))
 _aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
 _aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))
-_aten("new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like", Rule(analyse=_created_like))
+_aten("new_zeros new_ones new_empty new_full", Rule(analyse=_created_like))
+_aten("zeros_like ones_like empty_like full_like", _SHAPED_LIKE)
 _aten("index.Tensor", Rule(analyse=_gather_rows))
 _aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor gt.Scalar gt.Tensor le.Scalar le.Tensor "
       "ge.Scalar ge.Tensor masked_fill.Scalar masked_fill.Tensor where.self", Rule(analyse=_elementwise))
 _aten("lift_fresh_copy", Rule(analyse=_same, linear=True))
-_aten("fill_.Scalar fill_.Tensor zero_", Rule(analyse=_created_like))
+_aten("fill_.Scalar fill_.Tensor zero_", _SHAPED_LIKE)
 _aten("matmul bmm", _matmul_rule)
 _aten("einsum", Rule(analyse=_einsum))
 _aten("scaled_dot_product_attention", Rule(analyse=_sdpa, nonlinear=True))

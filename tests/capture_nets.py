@@ -239,3 +239,25 @@ class WrappedHelperNet(nn.Module):
         x = torch.relu(self.out(y))
         y, m = windowed_mix(x, self.mix3_w, None, 5)
         return self.fc((y * m).mean((2, 3)))
+
+
+class ComputedBiasNet(nn.Module):
+    """Layers whose bias is computed in forward: a conv's bias scaled, and a BEiT-style q/k/v
+    projection whose k bias is fixed at zero (cat of q bias, zeros_like(v bias), v bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 3, 3, 3) * 0.3)
+        self.b = nn.Parameter(torch.randn(12) * 0.1)
+        self.q_bias = nn.Parameter(torch.randn(12) * 0.1)
+        self.v_bias = nn.Parameter(torch.randn(12) * 0.1)
+        self.qkv = nn.Linear(12, 36, bias=False)
+        self.norm = nn.LayerNorm(12)
+        self.fc = nn.Linear(36, 10)
+
+    def forward(self, x):
+        x = torch.relu(F.conv2d(x, self.w, self.b * 2, padding=1))
+        t = self.norm(x.flatten(2).transpose(1, 2))
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        t = torch.relu(F.linear(t, self.qkv.weight, bias))
+        return self.fc(t.mean(1))

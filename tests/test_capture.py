@@ -185,3 +185,27 @@ def test_auto_exports_a_call_fx_keeps_whole_alone_and_splices_it_in(monkeypatch)
     assert small(torch.randn(3, 3, 16, 16)).shape == (3, 10)
     again = vpsurgery.replay(pristine, vpsurgery.kept_map(small))  # the map replays through auto
     assert vpsurgery.kept_map(again)["modules"] == vpsurgery.kept_map(small)["modules"]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_layer_with_a_computed_bias_is_lifted_and_its_bias_parameters_shrink(capture):
+    """A bias computed from parameters (scaled; a q/k/v bias with a zero k part) becomes a bias-free
+    layer plus an add; the parameters it is made of shrink with the layer's output channels."""
+    from capture_nets import ComputedBiasNet
+
+    torch.manual_seed(0)
+    model = ComputedBiasNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gated = vpsurgery.wrap(model, (x,), capture=capture)
+    plan = vpsurgery.plan(gated)
+    assert len(_calls(gated, nn.Conv2d)) == 1 and len(_calls(gated, nn.Linear)) == 2
+    # every output channel but fc's (they reach the model output); k's zero bias is zeros_like(v's
+    # bias), as long as it at run time, so k and v channel i are one unit: 12 conv + 24 qkv units
+    assert plan.prunable_share == pytest.approx(48 / 58), vpsurgery.report(gated)
+    assert sorted(len(g.units) for g in plan.groups.values()) == [12, 24]
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    random_hard_gates(gated, 0.5, 1)
+    small = assert_invariant(gated, x, smaller=True)
+    q_bias = next(p for n, p in small.named_parameters() if n.endswith("q_bias"))
+    assert len(q_bias) < 12 and small.get_submodule(_calls(small, nn.Conv2d)[0].target).out_channels < 12

@@ -172,26 +172,27 @@ def test_heads_of_linear_attention_are_units_and_shrink_exactly(attention):
     assert first.out_features == (3 if isinstance(model.attn, FusedQKV) else 1) * 2 * 8  # two heads of 8
 
 
-def test_swin_is_captured_where_its_attention_is_visible_and_shrinks_exactly():
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_swin_is_captured_where_its_attention_is_visible_and_shrinks_exactly(name):
     """torchvision's Swin hides attention in functions fx keeps whole; auto capture exports each of
     those calls alone and splices its ops into the fx graph, where every op has a rule. The graph
-    finds what torch.export's whole-model graph finds."""
+    finds what torch.export's whole-model graph finds. V2 adds cosine attention (F.normalize per
+    head) and a q/k/v bias computed in forward (its k part zeroed)."""
     torch.manual_seed(0)
-    model = realistic_stats(torchvision.models.swin_t(num_classes=10)).eval()
+    model = realistic_stats(torchvision.models.get_model(name, num_classes=10)).eval()
     x = torch.randn(1, 3, 32, 32)
     gated = vpsurgery.wrap(model, (x,))
     plan = vpsurgery.plan(gated)
     assert plan.capture == "fx+export" and plan.prunable_share >= 0.95, vpsurgery.report(gated)
     assert not any("shifted_window" in str(n.target) for n in gated.graph.nodes if n.op == "call_function")
-    heads = [g for g in plan.groups.values() if g.producers[0].endswith("attn.qkv")]
+    heads = [g for g in plan.groups.values() if any(".attn.qkv" in p for p in g.producers)]
     assert len(heads) == 12 and sorted({len(g.units) for g in heads}) == [3, 6, 12, 24]  # per block
     exported = vpsurgery.plan(vpsurgery.wrap(model, (x,), capture="export"))
     assert sorted(len(g.units) for g in exported.groups.values()) == sorted(len(g.units) for g in plan.groups.values())
     assert exported.prunable_share == pytest.approx(plan.prunable_share)
     with torch.no_grad():
         assert gated(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # the batch dim stays dynamic
-    with torch.no_grad():
-        assert rel_err(gated(x), model(x)) <= 1e-6
+        assert rel_err(gated(x), model(x)) <= 1e-5  # v2's computed bias is added after its layer
     random_hard_gates(gated, 0.4, 0, sections=0.3)
     small = assert_invariant(gated, x, smaller=True)
     assert n_params(small) < 0.6 * n_params(model)

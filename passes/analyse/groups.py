@@ -303,8 +303,10 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
         return unit_of_id[ids]
 
     def axis_of(lay, shape):
-        if not isinstance(lay, Layout) or lay.dim is None:
+        if not isinstance(lay, Layout):
             return None
+        if lay.dim is None:  # derived from a parameter alone (a clone of it): it shrinks as the parameter
+            return varying_axis(units(np.broadcast_to(lay.ids, shape)))
         ids = lay.ids
         for d in range(ids.ndim):
             if d != lay.dim:
@@ -327,15 +329,9 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
 
     param_axes = {}
     for target, ids in w.param_ids.items():
-        u = units(ids)
-        varying = [d for d in range(u.ndim) if u.shape[d] > 1 and not (u == u.take([0], axis=d)).all()]
-        if varying:
-            d = varying[0]
-            line = u
-            for e in range(u.ndim):
-                if e != d:
-                    line = line.take([0], axis=e)
-            param_axes[target] = Axis(d, line.reshape(-1))
+        ax = varying_axis(units(ids))
+        if ax is not None:
+            param_axes[target] = ax
     # A get_attr node is its parameter: shrinking slices the parameter, so the node's tensor shrinks
     # along the same axis (the shape check and every rewrite reading the node must know it).
     for node in gm.graph.nodes:
@@ -439,6 +435,18 @@ class _Sums:
         uniq, inverse = np.unique(np.concatenate(self.units), return_inverse=True)
         sums = np.bincount(inverse.reshape(-1), weights=np.concatenate(self.amounts), minlength=len(uniq))
         return dict(zip(uniq.tolist(), sums.tolist()))
+
+
+def varying_axis(u: np.ndarray) -> Axis | None:
+    """The axis along which a tensor's units vary (the first, if several), or None."""
+    varying = [d for d in range(u.ndim) if u.shape[d] > 1 and not (u == u.take([0], axis=d)).all()]
+    if not varying:
+        return None
+    line = u
+    for e in range(u.ndim):
+        if e != varying[0]:
+            line = line.take([0], axis=e)
+    return Axis(varying[0], line.reshape(-1))
 
 
 def _unit_costs(gm, modules, module_axes, node_axes):

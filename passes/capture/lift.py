@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -35,6 +37,9 @@ class Lift:
     defaults: dict  # values of parameters the call may leave out
     tensors: tuple[str, ...]  # parameters that must be graph attributes (or None) to lift
     build: Callable[[dict, tuple], nn.Module | None]  # (arguments, input shape) -> module, None: leave it
+    # a layer whose bias adds one value per output channel, along this output dim (conv 1, linear -1):
+    # a bias computed in the graph (a parameter with part of it zeroed) becomes a bias-free layer + add
+    bias_dim: int | None = None
 
 
 def _pair(v, n):
@@ -52,7 +57,7 @@ def _conv(nd: int):
         return cls(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), stride=_pair(a["stride"], nd), padding=padding,
                    dilation=_pair(a["dilation"], nd), groups=g, bias=a["bias"] is not None)
     return Lift(("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}, ("weight", "bias"), build)
+                {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}, ("weight", "bias"), build, 1)
 
 
 def _conv_transpose(nd: int):
@@ -67,7 +72,7 @@ def _conv_transpose(nd: int):
                    bias=a["bias"] is not None, dilation=_pair(a["dilation"], nd))
     return Lift(("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
                 {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1},
-                ("weight", "bias"), build)
+                ("weight", "bias"), build, 1)
 
 
 def _linear(a, shape):
@@ -121,7 +126,7 @@ def _prelu(a, shape):
 
 _CONV = {nd: _conv(nd) for nd in (1, 2, 3)}
 _CONV_T = {nd: _conv_transpose(nd) for nd in (1, 2, 3)}
-_LINEAR = Lift(("input", "weight", "bias"), {"bias": None}, ("weight", "bias"), _linear)
+_LINEAR = Lift(("input", "weight", "bias"), {"bias": None}, ("weight", "bias"), _linear, -1)
 _BN_F = Lift(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
              {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
              ("running_mean", "running_var", "weight", "bias"), _batch_norm)
@@ -178,6 +183,10 @@ def _arguments(node: fx.Node, lift: Lift) -> dict | None:
     args.update(zip(lift.names, node.args))
     args.update(node.kwargs)
     return args if all(n in args for n in lift.names) else None
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, fx.Node) and hasattr(value.meta.get("tensor_meta"), "shape")
 
 
 def _holds_node(value) -> bool:
@@ -269,6 +278,10 @@ def lift_layers(gm: fx.GraphModule) -> int:
         if any(_holds_node(v) for k, v in args.items() if k != "input" and k not in lift.tensors):
             continue  # a size or flag computed at run time: not a fixed layer
         tensors = {name: _attribute(gm, args[name]) for name in lift.tensors}
+        bias = None
+        if lift.bias_dim is not None and tensors.get("bias") is False and _is_tensor(args["bias"]):
+            bias, tensors["bias"] = args["bias"], None  # computed: added after a bias-free layer
+            args = {**args, "bias": None}
         if any(t is False for t in tensors.values()):
             continue  # a computed weight: not a plain layer
         module = lift.build({**args, **tensors}, tuple(meta.shape))
@@ -279,9 +292,14 @@ def lift_layers(gm: fx.GraphModule) -> int:
         path = _place(gm, module, targets, called, op_name)
         called.add(path)
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (args["input"],))
+            call = result = gm.graph.call_module(path, (args["input"],))
+            if bias is not None:
+                if lift.bias_dim != -1:  # one value per channel of dim 1: broadcast over the rest
+                    bias = gm.graph.call_method("reshape", (bias, (-1,) + (1,) * (len(meta.shape) - 1 - lift.bias_dim)))
+                result = gm.graph.call_function(operator.add, (call, bias))
         call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
+        result.meta = dict(node.meta)
+        node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
         lifted += 1
     if lifted:
