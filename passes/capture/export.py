@@ -51,11 +51,16 @@ def _quiet():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    # nothing reads the nodes' stack traces, and recording one per op costs a tenth of an export
+    # (a plain module flag; where a torch version lacks it, setting it does nothing)
+    emit = getattr(torch.fx.config, "do_not_emit_stack_traces", False)
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emit
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 

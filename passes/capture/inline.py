@@ -175,7 +175,6 @@ def _splice(gm: fx.GraphModule, node: fx.Node, body: _Body, inputs: list[fx.Node
                 env[inner] = gm.graph.get_attr(name)
                 continue
             env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
-            env[inner].meta.setdefault("stack_trace", node.meta.get("stack_trace"))
     result = pytree.tree_map(lambda v: env[v] if isinstance(v, fx.Node) else v, structure)
     if isinstance(result, fx.Node):
         node.replace_all_uses_with(result)
