@@ -261,3 +261,18 @@ class ComputedBiasNet(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         t = torch.relu(F.linear(t, self.qkv.weight, bias))
         return self.fc(t.mean(1))
+
+
+class BatchOfOneHelperNet(nn.Module):
+    """Calls the wrapped helper, then flattens with a literal batch of 1: the graph runs at batch 1
+    only, so neither the call alone nor the whole model can be exported with a free batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix_w = nn.Parameter(torch.randn(8, 8, 1, 1) * 0.3)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        y, _ = windowed_mix(torch.relu(self.stem(x)), self.mix_w, None, 4)
+        return self.fc(y.reshape(1, -1))

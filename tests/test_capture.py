@@ -209,3 +209,16 @@ def test_a_layer_with_a_computed_bias_is_lifted_and_its_bias_parameters_shrink(c
     small = assert_invariant(gated, x, smaller=True)
     q_bias = next(p for n, p in small.named_parameters() if n.endswith("q_bias"))
     assert len(q_bias) < 12 and small.get_submodule(_calls(small, nn.Conv2d)[0].target).out_channels < 12
+
+
+def test_a_batch_of_one_graph_keeps_its_wrapped_calls_whole_and_still_wraps():
+    from capture_nets import BatchOfOneHelperNet
+
+    torch.manual_seed(0)
+    model = BatchOfOneHelperNet().eval()
+    x = torch.randn(1, 3, 6, 6)
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    assert plan.capture == "fx" and any("windowed_mix" in u.reason for u in plan.unprunable)
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6

@@ -10,7 +10,7 @@ from .attention import split_attention
 from .export import ExportError, _batched, export_graph, user_frame
 from .inline import inline_opaque_calls, opaque_calls
 from .lift import lift_layers
-from .trace import TraceError, _as_tuple, propagate_shapes, shapes_known, trace
+from .trace import NodeFailure, TraceError, _as_tuple, propagate_shapes, shapes_known, trace
 
 CAPTURE_PATHS = ("auto", "fx", "export")
 
@@ -19,7 +19,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
             concrete_args=None) -> tuple[fx.GraphModule, str]:
     """(graph, path): `how` 'fx' traces, 'export' exports, 'auto' traces and falls back to export when
     fx cannot trace; where fx traced but kept a function call whole, 'auto' captures that call alone
-    with torch.export and splices its ops in (path 'fx+export'). The graph is a copy in the model's mode; the model is not modified."""
+    with torch.export and splices its ops in (path 'fx+export'). The graph is a copy in the model's
+    mode; the model is not modified."""
     if how not in CAPTURE_PATHS:
         raise ValueError(f"capture={how!r}: choose one of {', '.join(map(repr, CAPTURE_PATHS))}")
     if not isinstance(model, torch.nn.Module):
@@ -50,7 +51,12 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
     if how == "auto" and path == "fx" and not leaf_modules and concrete_args is None:
         inlined = _inline(gm, example_inputs)
         if inlined:  # the spliced ops need shapes before layers are lifted from them
-            propagate_shapes(gm, example_inputs)
+            try:
+                propagate_shapes(gm, example_inputs, internal=True)  # the input fitted the traced graph
+            except NodeFailure as e:
+                raise TraceError(f"the ops torch.export recorded inside a call that fx keeps whole fail on the "
+                                 f"example input, {e}. wrap(..., capture='fx') keeps such calls whole (their "
+                                 f"channels then stay)") from e.cause
             path = "fx+export"
     # a lifted layer keeps the meta of the call it replaces; split attention adds nodes without
     if (lift_layers(gm) + split_attention(gm)) and not shapes_known(gm):
@@ -64,7 +70,11 @@ def _inline(gm: fx.GraphModule, example_inputs: tuple) -> int:
         return 0
     doubled = any(torch.is_tensor(x) and x.ndim and x.shape[0] == 1 for x in example_inputs)
     if doubled:
-        propagate_shapes(gm, _batched(example_inputs))
+        try:
+            propagate_shapes(gm, _batched(example_inputs), internal=True)
+        except NodeFailure:  # the graph runs at batch 1 only: export could not free the batch either
+            propagate_shapes(gm, example_inputs)
+            return 0
     inlined = inline_opaque_calls(gm)
     if doubled and not inlined:
         propagate_shapes(gm, example_inputs)
