@@ -66,7 +66,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
 
 def _inline(gm: fx.GraphModule, example_inputs: tuple) -> int:
     """inline_opaque_calls, on shapes at a batch of 2 or more (export freezes a size of 1)."""
-    if not opaque_calls(gm):
+    calls = opaque_calls(gm)
+    if not calls:
         return 0
     doubled = any(torch.is_tensor(x) and x.ndim and x.shape[0] == 1 for x in example_inputs)
     if doubled:
@@ -75,7 +76,7 @@ def _inline(gm: fx.GraphModule, example_inputs: tuple) -> int:
         except NodeFailure:  # the graph runs at batch 1 only: export could not free the batch either
             propagate_shapes(gm, example_inputs)
             return 0
-    inlined = inline_opaque_calls(gm)
+    inlined = inline_opaque_calls(gm, calls)
     if doubled and not inlined:
         propagate_shapes(gm, example_inputs)
     return inlined

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -24,6 +25,7 @@ import torch.utils._pytree as pytree
 from ..rules import FUNCTION_RULES
 from .export import _impure, _quiet, _slices_as_getitem
 from .lift import LIFTS
+from .trace import is_tensor_meta, tensor_meta
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
 
@@ -37,21 +39,21 @@ def opaque_calls(gm: fx.GraphModule) -> list[fx.Node]:
         module = getattr(node.target, "__module__", "") or ""
         if module == "torch" or module.startswith("torch.") or node.target in FUNCTION_RULES or node.target in LIFTS:
             continue
-        if any(isinstance(a, fx.Node) and _tensor_meta(a) is not None for a in pytree.tree_leaves((node.args, node.kwargs))):
+        if any(is_tensor_meta(tensor_meta(a)) for a in pytree.tree_leaves((node.args, node.kwargs))):
             out.append(node)
     return out
 
 
-def inline_opaque_calls(gm: fx.GraphModule) -> int:
-    """Splice the ATen ops of every opaque call (in place) of a shape-propagated `gm`; returns how
-    many calls were inlined. The shapes it reads must be at a batch of 2 or more (export freezes a
-    dim of size 1); the caller propagates shapes again after."""
+def inline_opaque_calls(gm: fx.GraphModule, calls: list[fx.Node]) -> int:
+    """Splice the ATen ops of each of `calls` (opaque_calls of a shape-propagated `gm`) in place;
+    returns how many were inlined. The shapes it reads must be at a batch of 2 or more (export
+    freezes a dim of size 1); the caller propagates shapes again after."""
     bodies: dict[tuple, _Body | None] = {}
     planned = []  # every body is captured before any splice: the shapes read are the graph's own
-    for node in opaque_calls(gm):
+    for node in calls:
         leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
         slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]
-        if any(_tensor_meta(leaves[i]) is None for i in slots):
+        if not all(is_tensor_meta(tensor_meta(leaves[i])) for i in slots):
             continue  # a size or flag computed in the graph: export would freeze it
         key = _signature(node.target, leaves, slots, spec)
         if key not in bodies:
@@ -83,14 +85,11 @@ class _Call(torch.nn.Module):
         return self.fn(*args, **kwargs)
 
 
+@dataclass(frozen=True)
 class _Body:
-    def __init__(self, graph: fx.Graph, out_spec, constants: dict[str, torch.Tensor]):
-        self.graph, self.out_spec, self.constants = graph, out_spec, constants
-
-
-def _tensor_meta(node: fx.Node):
-    meta = node.meta.get("tensor_meta")
-    return meta if hasattr(meta, "shape") and hasattr(meta, "dtype") else None
+    graph: fx.Graph  # the call's ATen ops; placeholders in the order of the call's tensor inputs
+    out_spec: object  # how its flat outputs make the function's result
+    constants: dict  # get_attr target -> tensor the function made at capture time
 
 
 def _signature(fn, leaves, slots, spec) -> tuple:
@@ -98,7 +97,7 @@ def _signature(fn, leaves, slots, spec) -> tuple:
     they are plain values, else by identity), same input shapes, dtypes and kinds."""
     constants = tuple(leaf if isinstance(leaf, _SCALARS) or _plain_tuple(leaf) else ("id", id(leaf))
                       for i, leaf in enumerate(leaves) if i not in slots)
-    inputs = tuple((tuple(_tensor_meta(leaves[i]).shape), _tensor_meta(leaves[i]).dtype, leaves[i].op == "get_attr")
+    inputs = tuple((tuple(tensor_meta(leaves[i]).shape), tensor_meta(leaves[i]).dtype, leaves[i].op == "get_attr")
                    for i in slots)
     return fn, str(spec), constants, inputs
 
@@ -122,7 +121,7 @@ def _capture(gm, fn, leaves, slots, spec) -> _Body | None:
             inputs.append(_attribute(gm, node.target))
             dynamic.append(None)
         else:
-            meta = _tensor_meta(node)
+            meta = tensor_meta(node)
             inputs.append(torch.zeros(meta.shape, dtype=meta.dtype))
             dynamic.append({0: torch.export.Dim.AUTO} if len(meta.shape) else None)
     try:

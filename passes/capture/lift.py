@@ -18,15 +18,16 @@ left alone: it has no rule, so its channels stay, and the report says so.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
-
-import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .trace import is_tensor_meta, tensor_meta
 
 aten = torch.ops.aten
 
@@ -185,10 +186,6 @@ def _arguments(node: fx.Node, lift: Lift) -> dict | None:
     return args if all(n in args for n in lift.names) else None
 
 
-def _is_tensor(value) -> bool:
-    return isinstance(value, fx.Node) and hasattr(value.meta.get("tensor_meta"), "shape")
-
-
 def _holds_node(value) -> bool:
     if isinstance(value, fx.Node):
         return True
@@ -279,7 +276,8 @@ def lift_layers(gm: fx.GraphModule) -> int:
             continue  # a size or flag computed at run time: not a fixed layer
         tensors = {name: _attribute(gm, args[name]) for name in lift.tensors}
         bias = None
-        if lift.bias_dim is not None and tensors.get("bias") is False and _is_tensor(args["bias"]):
+        computed_bias = tensors.get("bias") is False and is_tensor_meta(tensor_meta(args["bias"]))
+        if lift.bias_dim is not None and computed_bias:
             bias, tensors["bias"] = args["bias"], None  # computed: added after a bias-free layer
             args = {**args, "bias": None}
         if any(t is False for t in tensors.values()):
