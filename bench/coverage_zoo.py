@@ -247,7 +247,7 @@ HEADER = ("| model | family | input | capture | params | FLOPs | prunable share 
 
 def render(results: list[dict], planned: int, meta: dict) -> str:
     captured = [r for r in results if "wrap_s" in r]
-    paths = {p: sum(1 for r in results if path_of(r) == p) for p in ("fx", "export", "refused", "timeout")}
+    paths = {p: sum(1 for r in results if path_of(r) == p) for p in ("fx", "fx+export", "export", "refused", "timeout")}
     errs = [r["err"] for r in captured if r.get("err") is not None]
     exact = [r for r in captured if r.get("err") is not None and r["err"] <= coverage.EXACT_TOL]
     broken = [r for r in captured if r.get("err") is None]  # captured, but shrink or the shrunk model failed
@@ -266,7 +266,8 @@ def render(results: list[dict], planned: int, meta: dict) -> str:
         "torchvision detectors with `weights=None, weights_backbone=None, num_classes=5` at 320×320 in eval; "
         "`TinyYolo` from tests/capture_nets.py at 32×32. Batch 2, seed 0, eval mode. Norm statistics and affine "
         "parameters are randomised first (tests/conftest.py's `realistic_stats`) so that outputs are not ~0. "
-        "`wrap(capture='auto')`: torch.fx, or torch.export where fx cannot trace; *capture* says which one. Then "
+        "`wrap(capture='auto')`: torch.fx (*fx+export*: calls fx keeps whole exported alone and spliced in), or "
+        "torch.export where fx cannot trace; *capture* says which one. Then "
         f"the trial of bench/coverage.py: a seeded random hard 0/1 assignment zeroes ⌈{coverage.CHANNEL_DROP:.0%}⌉ "
         f"of every channel group's units (keeping one) and ~{coverage.SECTION_DROP:.0%} of the section gates; "
         "*shrink err* = max|shrink(gm)(x) − gm(x)| / max|gm(x)| per output tensor (the worst one); *gate-identity "
@@ -274,7 +275,8 @@ def render(results: list[dict], planned: int, meta: dict) -> str:
         "`torch.utils.flop_counter.FlopCounterMode`, one forward of the example batch. *refused*: the first line "
         "of wrap's error. Times are wall clock on a shared 2-core machine: rough.",
         "",
-        f"**Summary**: {len(results)} models; captured by fx **{paths['fx']}**, by export **{paths['export']}**, "
+        f"**Summary**: {len(results)} models; captured by fx **{paths['fx']}**, by fx+export **{paths['fx+export']}**, "
+        f"by export **{paths['export']}**, "
         f"refused **{paths['refused']}**, timed out **{paths['timeout']}**; exact within {coverage.EXACT_TOL:g}: **{len(exact)}/{len(captured)}** "
         f"captured" + (f" ({len(broken)} failed in shrink or after it)" if broken else "") + "; worst error "
         + (f"{coverage._fmt_err(worst['err'])} (`{worst['model']}`)" if errs else "-")
