@@ -275,11 +275,9 @@ def lift_layers(gm: fx.GraphModule) -> int:
         if any(_holds_node(v) for k, v in args.items() if k != "input" and k not in lift.tensors):
             continue  # a size or flag computed at run time: not a fixed layer
         tensors = {name: _attribute(gm, args[name]) for name in lift.tensors}
-        bias = None
-        computed_bias = tensors.get("bias") is False and is_tensor_meta(tensor_meta(args["bias"]))
-        if lift.bias_dim is not None and computed_bias:
-            bias, tensors["bias"] = args["bias"], None  # computed: added after a bias-free layer
-            args = {**args, "bias": None}
+        bias = None  # a computed bias (a tensor node): added after a bias-free layer
+        if lift.bias_dim is not None and tensors.get("bias") is False and is_tensor_meta(tensor_meta(args["bias"])):
+            bias, tensors["bias"], args = args["bias"], None, {**args, "bias": None}
         if any(t is False for t in tensors.values()):
             continue  # a computed weight: not a plain layer
         module = lift.build({**args, **tensors}, tuple(meta.shape))
@@ -295,8 +293,8 @@ def lift_layers(gm: fx.GraphModule) -> int:
                 if lift.bias_dim != -1:  # one value per channel of dim 1: broadcast over the rest
                     bias = gm.graph.call_method("reshape", (bias, (-1,) + (1,) * (len(meta.shape) - 1 - lift.bias_dim)))
                 result = gm.graph.call_function(operator.add, (call, bias))
-        call.meta = dict(node.meta)
-        result.meta = dict(node.meta)
+        for made in {call, result}:  # the layer (and the add after it) compute the call's shape
+            made.meta = dict(node.meta)
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
         lifted += 1
