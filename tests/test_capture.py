@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -222,3 +223,52 @@ def test_a_batch_of_one_graph_keeps_its_wrapped_calls_whole_and_still_wraps():
     assert plan.capture == "fx" and any("windowed_mix" in u.reason for u in plan.unprunable)
     with torch.no_grad():
         assert rel_err(gated(x), model(x)) <= 1e-6
+
+
+class _SizedAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2).transpose(1, 2)
+        return self.attn(y, y, y)[0] + x.size(1)
+
+
+def test_complete_shapes_records_new_nodes_on_meta_without_running_the_model():
+    from vpsurgery.passes.capture.attention import split_attention
+    from vpsurgery.passes.capture.trace import complete_shapes, propagate_shapes, trace
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(_SizedAdd().eval(), (x,))
+    assert split_attention(gm) == 1
+    new = [n for n in gm.graph.nodes if n.op != "output" and n.op != "get_attr" and "type" not in n.meta]
+    assert new
+    conv_runs = []
+    gm.conv.register_forward_hook(lambda *a: conv_runs.append(1))
+    complete_shapes(gm, (x,))
+    assert not conv_runs  # the nodes that had shapes were not run again
+    got = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+    propagate_shapes(gm, (x,))
+    assert conv_runs  # (the hook does fire when the graph runs)
+    assert got == {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+
+
+def test_complete_shapes_runs_the_graph_when_a_new_node_reads_an_unrecorded_value():
+    from vpsurgery.passes.capture.trace import complete_shapes, propagate_shapes, trace
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(_SizedAdd().eval(), (x,))
+    size = next(n for n in gm.graph.nodes if n.target == "size")
+    assert "tensor_meta" not in size.meta  # an int: ShapeProp keeps its type only
+    with gm.graph.inserting_after(size):
+        twice = gm.graph.call_function(operator.mul, (size, 2))
+    with gm.graph.inserting_after(twice):
+        ones = gm.graph.call_function(torch.ones, (twice,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((out.args[0], ones),)
+    gm.recompile()
+    complete_shapes(gm, (x,))
+    assert tuple(ones.meta["tensor_meta"].shape) == (6,) and twice.meta["type"] is int
+    got = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+    propagate_shapes(gm, (x,))
+    assert got == {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}

@@ -14,7 +14,7 @@ from vpsurgery.passes.attach import plan_of, set_plan
 from vpsurgery.passes.capture.inplace import make_out_of_place
 from vpsurgery.passes.capture import capture as _capture
 from vpsurgery.passes.capture.trace import TraceError
-from vpsurgery.passes.capture.trace import _as_tuple, default_example, propagate_shapes, shapes_known
+from vpsurgery.passes.capture.trace import _as_tuple, complete_shapes, default_example
 from vpsurgery.passes.gate.insert import GATES, insert_gates
 from vpsurgery.passes.gate.modules import ChannelMask, Gate
 from vpsurgery.passes.plan import Plan
@@ -50,8 +50,8 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         gm, path = _capture(model, example_inputs, how=how, leaf_modules=leaf_modules, concrete_args=concrete_args)
         # out-of-place ops, so that the gated and the shrunk graphs train whatever is removed; shapes
         # do not change, so only nodes it added without them need another run
-        if make_out_of_place(gm) and not shapes_known(gm):
-            propagate_shapes(gm, example_inputs)
+        if make_out_of_place(gm):
+            complete_shapes(gm, example_inputs)
         original_depth = network_depth(gm)
         if add_residuals and not _add_residuals(gm):
             warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "

@@ -10,7 +10,7 @@ from .attention import split_attention
 from .export import ExportError, _batched, export_graph, user_frame
 from .inline import inline_opaque_calls, opaque_calls
 from .lift import lift_layers
-from .trace import NodeFailure, TraceError, _as_tuple, propagate_shapes, shapes_known, trace
+from .trace import NodeFailure, TraceError, _as_tuple, complete_shapes, propagate_shapes, trace
 
 CAPTURE_PATHS = ("auto", "fx", "export")
 
@@ -47,25 +47,17 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
                 f"control flow on tensor values (torch.where, torch.cond), or (fx path) either {fx_fix}") from None
         propagate_shapes(gm, example_inputs)
         gm.train(model.training)
-    inlined = 0
-    if how == "auto" and path == "fx" and not leaf_modules and concrete_args is None:
-        inlined = _inline(gm, example_inputs)
-        if inlined:  # the spliced ops need shapes before layers are lifted from them
-            try:
-                propagate_shapes(gm, example_inputs, internal=True)  # the input fitted the traced graph
-            except NodeFailure as e:
-                raise TraceError(f"the ops torch.export recorded inside a call that fx keeps whole fail on the "
-                                 f"example input, {e}. wrap(..., capture='fx') keeps such calls whole (their "
-                                 f"channels then stay)") from e.cause
-            path = "fx+export"
+    if how == "auto" and path == "fx" and not leaf_modules and concrete_args is None and _inline(gm, example_inputs):
+        path = "fx+export"
     # a lifted layer keeps the meta of the call it replaces; split attention adds nodes without
-    if (lift_layers(gm) + split_attention(gm)) and not shapes_known(gm):
-        propagate_shapes(gm, example_inputs)
+    if lift_layers(gm) + split_attention(gm):
+        complete_shapes(gm, example_inputs)
     return gm, path
 
 
 def _inline(gm: fx.GraphModule, example_inputs: tuple) -> int:
-    """inline_opaque_calls, on shapes at a batch of 2 or more (export freezes a size of 1)."""
+    """inline_opaque_calls, on shapes at a batch of 2 or more (export freezes a size of 1); the
+    graph's shapes are those at `example_inputs` after."""
     calls = opaque_calls(gm)
     if not calls:
         return 0
@@ -77,8 +69,15 @@ def _inline(gm: fx.GraphModule, example_inputs: tuple) -> int:
             propagate_shapes(gm, example_inputs)
             return 0
     inlined = inline_opaque_calls(gm, calls)
-    if doubled and not inlined:
-        propagate_shapes(gm, example_inputs)
+    try:  # the input fitted the traced graph: a failure now is in the spliced ops
+        if doubled:
+            propagate_shapes(gm, example_inputs, internal=True)
+        elif inlined:  # only the spliced ops need shapes
+            complete_shapes(gm, example_inputs, internal=True)
+    except NodeFailure as e:
+        raise TraceError(f"the ops torch.export recorded inside a call that fx keeps whole fail on the "
+                         f"example input, {e}. wrap(..., capture='fx') keeps such calls whole (their "
+                         f"channels then stay)") from e.cause
     return inlined
 
 

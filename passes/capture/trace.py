@@ -1,12 +1,15 @@
 """Trace a model with torch.fx and propagate shapes, with errors a user can act on."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 
 import torch
 import torch.fx as fx
 import torchvision
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.stateless import _reparametrize_module
 
 
 def is_tensor_meta(meta) -> bool:
@@ -115,12 +118,6 @@ class _ShapeProp(ShapeProp):
             raise NodeFailure(n, e.__cause__ if e.__cause__ is not None else e) from e
 
 
-def shapes_known(gm: fx.GraphModule) -> bool:
-    """Has every node a recorded result? (ShapeProp records each node's type, and 'tensor_meta' for
-    tensors only, so not for sizes; a node a pass added without copying its meta has neither.)"""
-    return all("type" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
-
-
 def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
     """Run `gm` on the example inputs, recording every node's shape in `meta['tensor_meta']`.
 
@@ -148,6 +145,73 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
             f"the example input ({shapes}) does not fit the model: {e.first} (at node '{e.node}'). Pass "
             f"example_inputs with the shape and dtype the model expects, e.g. "
             f"example_inputs=(torch.randn(1, 3, 224, 224),)") from None
+    finally:
+        gm.train(was_training)
+
+
+def complete_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
+    """Record shapes for the nodes a rewrite added without them (the others' shapes are those at
+    `example_inputs`): on the meta device, from the recorded shapes of their inputs, so the model
+    does not run again; by propagate_shapes where that cannot be done (an input whose value was not
+    recorded, such as a size; an op without a meta kernel)."""
+    # ShapeProp records each node's type (and 'tensor_meta' for tensors only, so not for sizes): a
+    # node a pass added without copying a meta has neither
+    missing = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr") and "type" not in n.meta]
+    if not missing:
+        return
+    try:
+        _shapes_on_meta(gm, missing)
+    except Exception:
+        propagate_shapes(gm, example_inputs, internal=internal)
+
+
+class _Unrecorded(Exception):
+    """A node's value is needed but only its type was recorded."""
+
+
+def _as_meta(meta):
+    """A meta-device stand-in for a recorded result (tensors as empty meta tensors, the rest as is)."""
+    if is_tensor_meta(meta):  # before tuples: TensorMetadata is one
+        if meta.is_quantized:
+            raise _Unrecorded("a quantized tensor")
+        return torch.empty_strided(tuple(meta.shape), tuple(meta.stride), dtype=meta.dtype, device="meta")
+    if isinstance(meta, (tuple, list)):
+        return type(meta)(_as_meta(m) for m in meta)
+    if isinstance(meta, dict):
+        return {k: _as_meta(m) for k, m in meta.items()}
+    return meta
+
+
+def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
+    todo = set(missing)
+    prop = ShapeProp(gm)
+    for node in missing:
+        for a in node.all_input_nodes:
+            if a in todo or a.op == "get_attr":
+                continue
+            if "tensor_meta" in a.meta:
+                prop.env[a] = _as_meta(a.meta["tensor_meta"])
+            elif a.meta.get("type") is type(None):
+                prop.env[a] = None
+            else:  # a size, a flag: ShapeProp keeps the type of such a value, not the value
+                raise _Unrecorded(a.name)
+    for n in gm.graph.nodes:  # the attributes they read, recorded as they are, read on meta
+        if n.op == "get_attr" and any(u in todo for u in n.users):
+            value = prop.run_node(n)
+            prop.env[n] = torch.empty_like(value, device="meta") if torch.is_tensor(value) else value
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad) for name, t in named}
+    was_training = gm.training
+    gm.eval()
+    try:  # ShapeProp prints the traceback of a failing node; a failure here only means "run it"
+        with _reparametrize_module(gm, meta), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            for n in missing:
+                prop.env[n] = prop.run_node(n)
+    except Exception:
+        for n in missing:  # nothing half-recorded
+            n.meta.pop("tensor_meta", None)
+            n.meta.pop("type", None)
+        raise
     finally:
         gm.train(was_training)
 
