@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .channels import Layout
-from .ops import attention_heads
+from .ops import AttentionHeads, attention_heads
 
 aten = torch.ops.aten
 
@@ -936,14 +936,17 @@ _register(FUNCTION_RULES, (F.feature_alpha_dropout, torch.dropout, torch.alpha_d
 
 # --------------------------------------------------------------------------- attention
 def _attention_heads(ctx):
-    """attention_heads(q, k, v, head_dim, attn_mask, key_padding_mask): each head (its q, k and v
-    channels, and the output channels it writes) is one unit; heads never mix, so removing one
-    removes only its own slices. The masks (L, S) and (N, S) are read whole: whatever channels they
-    carry stay."""
-    q, k, v, head_dim = (ctx.arg(i, n) for i, n in enumerate(("q", "k", "v", "head_dim")))
+    """attention_heads(q, k, v, head_dim, attn_mask, key_padding_mask, ...) and the AttentionHeads
+    layer (q, k, v, attn_mask, key_padding_mask): each head (its q, k and v channels, and the output
+    channels it writes) is one unit; heads never mix, so removing one removes only its own slices.
+    The masks (L, S) and (N, S) are read whole: whatever channels they carry stay."""
+    q, k, v = (ctx.arg(i, n) for i, n in enumerate(("q", "k", "v")))
+    layer = ctx.module
+    head_dim = layer.head_dim if layer is not None else ctx.arg(3, "head_dim")
     if not isinstance(head_dim, int):
         raise Unsupported("attention head size computed at run time")
-    for i, name in ((4, "attn_mask"), (5, "key_padding_mask")):
+    first_mask = 3 if layer is not None else 4
+    for i, name in enumerate(("attn_mask", "key_padding_mask"), start=first_mask):
         mask = ctx.arg(i, name)
         if isinstance(mask, fx.Node) and ctx.is_tensor(mask):
             ctx.pin(ctx.layout_of(mask), f"an attention {name} is read whole")
@@ -957,6 +960,7 @@ def _attention_heads(ctx):
 
 
 FUNCTION_RULES[attention_heads] = Rule(analyse=_attention_heads, nonlinear=True)
+MODULE_RULES[AttentionHeads] = Rule(analyse=_attention_heads, nonlinear=True, random=True)
 
 
 def _padded(ctx, value, nd):

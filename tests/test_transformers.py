@@ -2,6 +2,8 @@
 the active channels (so removing a channel is exact), and each attention head is one unit."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -303,3 +305,103 @@ def test_a_per_head_mask_keeps_the_attention_whole():
     assert any(isinstance(m, nn.MultiheadAttention) for m in gated.modules())
     random_hard_gates(gated, 0.5, 0, sections=0.0)
     assert_invariant(gated, x, padding, per_head)
+
+
+class EncoderNet(nn.Module):
+    """Transformer layers as a user stacks them: nn.TransformerEncoderLayer (a torch.nn layer fx
+    would keep whole) whose attention drops weights (dropout=0.1 by default), which
+    nn.MultiheadAttention applies in training only. `stacked`: the layers in nn.TransformerEncoder,
+    whose forward fx cannot trace (it branches on `src.is_nested`)."""
+
+    def __init__(self, stacked: bool = False):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+        self.stacked = stacked
+        if stacked:
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        else:
+            self.layers = nn.ModuleList([layer, copy.deepcopy(layer)])
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.emb(x)
+        if self.stacked:
+            x = self.encoder(x)
+        else:
+            for layer in self.layers:
+                x = layer(x)
+        return self.head(x.mean(1))
+
+
+def test_transformer_layers_are_traced_into_and_their_attention_drops_in_training_only():
+    torch.manual_seed(0)
+    model = EncoderNet().eval()
+    x = torch.randn(2, 6, 8)
+    gated = vpsurgery.wrap(model, (x,), capture="fx")
+    plan = vpsurgery.plan(gated)
+    assert not any(isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for m in gated.modules())
+    assert [len(g.units) for g in plan.groups.values()].count(4) == 2 and plan.prunable_share > 0.9, \
+        vpsurgery.report(gated)
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+        heads = [m for m in gated.modules() if type(m).__name__ == "AttentionHeads"]
+        assert len(heads) == 2 and all(h.dropout == 0.1 for h in heads)
+        for h in heads:  # in training the attention weights are dropped: the same input differs
+            h.train()
+        assert rel_err(gated(x), model(x)) > 1e-3
+        for h in heads:
+            h.eval()
+    random_hard_gates(gated, 0.5, 0, sections=0.0)
+    assert_invariant(gated, x, smaller=True)
+
+
+def test_a_composite_layer_fx_cannot_trace_into_stays_whole_and_auto_exports_it():
+    torch.manual_seed(0)
+    model = EncoderNet(stacked=True).eval()
+    x = torch.randn(2, 6, 8)
+    gated = vpsurgery.wrap(model, (x,), capture="fx")
+    assert [n.target for n in gated.graph.nodes if n.op == "call_module"] == ["emb", "encoder", "head"]
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    assert plan.capture == "export" and plan.prunable_share > 0.9, vpsurgery.report(gated)
+    random_hard_gates(gated, 0.5, 0, sections=0.0)
+    assert_invariant(gated, x, smaller=True)
+
+
+class CausalAttention(nn.Module):
+    """Causal self-attention as decoders call it (is_causal with the mask, no weights), and cross
+    attention onto a memory of another width (kdim, vdim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.memory = nn.Linear(8, 32), nn.Linear(8, 12)
+        self.self_attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(32, 4, kdim=12, vdim=12, batch_first=True)
+        self.head = nn.Linear(32, 5)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(6))
+
+    def forward(self, x):
+        h, m = self.emb(x), self.memory(x)
+        h = h + self.self_attn(h, h, h, attn_mask=self.causal, is_causal=True, need_weights=False)[0]
+        h = h + self.cross_attn(h, m, m)[0]
+        return self.head(h.mean(1))
+
+
+def test_causal_and_kdim_vdim_attention_prune_by_heads_exactly():
+    torch.manual_seed(0)
+    model = CausalAttention().eval()
+    x = torch.randn(2, 6, 8)
+    gated = vpsurgery.wrap(model, (x,), capture="fx")
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in gated.modules())
+    heads = {n: m.is_causal for n, m in gated.named_modules() if type(m).__name__ == "AttentionHeads"}
+    assert heads == {"self_attn.heads": True, "cross_attn.heads": False}
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    plan = vpsurgery.plan(gated)
+    assert [len(g.units) for g in plan.groups.values()].count(4) == 2 and plan.prunable_share > 0.9, \
+        vpsurgery.report(gated)
+    random_hard_gates(gated, 0.5, 0, sections=0.0)
+    assert_invariant(gated, x, smaller=True)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture.trace import is_tensor_meta, tensor_meta
-from ..ops import attention_heads
+from ..ops import AttentionHeads, attention_heads
 from ..rules import facts
 
 aten = torch.ops.aten
@@ -126,9 +126,12 @@ def call_macs(node: fx.Node, modules, batch: int) -> float | None:
 def product_macs(node: fx.Node, batch: int) -> float | None:
     """MACs per example of a product of two activations (matmul, bmm, scaled dot-product
     attention, two-operand einsum); None for other nodes or where a shape is not known."""
-    if node.op not in ("call_function", "call_method"):
+    if node.op == "call_module" and isinstance(_called(node), AttentionHeads):
+        target = attention_heads  # the layer calls it, with q, k and v first as well
+    elif node.op in ("call_function", "call_method"):
+        target = node.target
+    else:
         return None
-    target = node.target
     out = tensor_meta(node)
     if not is_tensor_meta(out):
         return None
@@ -151,6 +154,15 @@ def product_macs(node: fx.Node, batch: int) -> float | None:
     else:
         return None
     return None if macs is None else macs / batch
+
+
+def _called(node: fx.Node):
+    """The module a call_module node calls (None where its graph module is not at hand)."""
+    owner = getattr(node.graph, "owning_module", None)
+    try:
+        return owner.get_submodule(node.target) if owner is not None else None
+    except AttributeError:
+        return None
 
 
 def product_macs_along(node: fx.Node, dim: int, total: float, batch: int) -> float:

@@ -40,22 +40,50 @@ class SurgeryTracer(fx.Tracer):
         self.extra_leaves = tuple(leaf_modules)
         self.scope_path: list[str] = []
         self.failed_in: str | None = None  # the innermost module whose forward raised
+        self.kept_whole: set[int] = set()  # composite layers fx could not trace into (by id)
 
     def is_leaf_module(self, m, qualname):
         if isinstance(m, LEAF_MODULES + self.extra_leaves):
             return True
+        if _composite(m) and id(m) not in self.kept_whole:
+            return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.scope_path.append(self.path_of_module(m) or type(m).__name__)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            if not _composite(m) or id(m) in self.kept_whole or isinstance(m, self.extra_leaves):
+                return super().call_module(m, forward, args, kwargs)
+            return self._into_or_whole(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # record it before the unwinding pops it
                 self.failed_in = self.scope_path[-1]
             raise
         finally:
             self.scope_path.pop()
+
+    def _into_or_whole(self, m, forward, args, kwargs):
+        """Trace into a composite layer; where its Python cannot be traced, take back what it
+        recorded and keep it whole, as fx does with every torch.nn layer."""
+        last = self.graph._root.prev  # the last node so far
+        saved = (copy.copy(self.module_stack), dict(self.num_calls), self.failed_in)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            while self.graph._root.prev is not last:
+                self.graph.erase_node(self.graph._root.prev)
+            self.module_stack, self.num_calls, self.failed_in = saved
+            self.kept_whole.add(id(m))
+            return super().call_module(m, forward, args, kwargs)
+
+
+def _composite(m: torch.nn.Module) -> bool:
+    """A torch.nn layer made only of other layers (nn.TransformerEncoderLayer, nn.Transformer): fx
+    keeps every torch.nn layer whole, but the parts of this one have rules of their own."""
+    from ..rules import MODULE_RULES
+    return (type(m).__module__.startswith("torch.nn.modules.") and type(m) not in MODULE_RULES
+            and not m._parameters and not m._buffers and next(m.children(), None) is not None
+            and not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)))
 
 
 def default_example(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -84,7 +112,9 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
     was_training = model.training
     model = copy.deepcopy(model).eval()
     tracer = SurgeryTracer(leaf_modules)
-    try:
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:  # the inference fast path of nn.Transformer* layers branches on tensor properties
+        torch.backends.mha.set_fastpath_enabled(False)
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # fx raises many types; all mean the same thing to a user
         where = tracer.failed_in or (tracer.scope_path[-1] if tracer.scope_path else type(model).__name__)
@@ -94,6 +124,8 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
             f"Either mark the submodule that contains it as a leaf, e.g. "
             f"wrap(model, leaf_modules=[{type(_get(model, where)).__name__}]) (its channels then stay "
             f"unpruned), or fix the input-dependent argument with concrete_args={{...}}.") from None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     propagate_shapes(gm, example_inputs)
     return gm.train(was_training)
