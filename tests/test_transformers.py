@@ -405,3 +405,39 @@ def test_causal_and_kdim_vdim_attention_prune_by_heads_exactly():
         vpsurgery.report(gated)
     random_hard_gates(gated, 0.5, 0, sections=0.0)
     assert_invariant(gated, x, smaller=True)
+
+
+class DecoderNet(nn.Module):
+    """A causal decoder as a user stacks it: nn.TransformerDecoderLayer (pre-norm) with a causal
+    self-attention (tgt_is_causal) and cross-attention onto a memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.memory = nn.Linear(8, 32), nn.Linear(8, 32)
+        self.layers = nn.ModuleList([nn.TransformerDecoderLayer(32, 4, 64, batch_first=True, norm_first=True)
+                                     for _ in range(2)])
+        self.head = nn.Linear(32, 5)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(6))
+
+    def forward(self, x):
+        h, memory = self.emb(x), self.memory(x)
+        for layer in self.layers:
+            h = layer(h, memory, tgt_mask=self.causal, tgt_is_causal=True)
+        return self.head(h.mean(1))
+
+
+def test_decoder_layers_prune_self_and_cross_attention_heads_exactly():
+    torch.manual_seed(0)
+    model = DecoderNet().eval()
+    x = torch.randn(2, 6, 8)
+    gated = vpsurgery.wrap(model, (x,))
+    plan = vpsurgery.plan(gated)
+    assert plan.capture == "fx"
+    causal = {n: m.is_causal for n, m in gated.named_modules() if type(m).__name__ == "AttentionHeads"}
+    assert causal == {f"layers.{i}.{a}.heads": a == "self_attn" for i in range(2) for a in ("self_attn", "multihead_attn")}
+    assert [len(g.units) for g in plan.groups.values()].count(4) == 4 and plan.prunable_share > 0.9, \
+        vpsurgery.report(gated)
+    with torch.no_grad():
+        assert rel_err(gated(x), model(x)) <= 1e-6
+    random_hard_gates(gated, 0.5, 0, sections=0.0)
+    assert_invariant(gated, x, smaller=True)
