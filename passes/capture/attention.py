@@ -10,8 +10,8 @@ attention dropout (in training only, as nn.MultiheadAttention's) and the causal 
 mask (N*heads, L, S) would have to shrink with the heads, so a call with one stays whole, as does
 one with bias_k/bias_v, add_zero_attn, flags computed in the graph or read attention weights.
 
-`AttentionHeads` (ops.py, calling `attention_heads(q, k, v, head_dim)`) splits the channel dim into heads of `head_dim`, runs scaled
-dot-product attention per head and joins the heads again. Its rule (rules.py) makes each head one
+`AttentionHeads` (ops.py, calling `attention_heads(q, k, v, head_dim)`) splits the channel dim
+into heads of `head_dim`, runs scaled dot-product attention per head and joins the heads again. Its rule (rules.py) makes each head one
 unit: the head's q, k and v channels and the out-projection columns it feeds go together. Removing a
 head removes rows of the in-projection and columns of the out-projection; `head_dim` stays, so the
 head count follows from the tensor's width and no argument needs rewriting.

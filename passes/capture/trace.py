@@ -11,6 +11,8 @@ import torchvision
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..rules import MODULE_RULES
+
 
 def is_tensor_meta(meta) -> bool:
     return meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype")
@@ -65,13 +67,13 @@ class SurgeryTracer(fx.Tracer):
     def _into_or_whole(self, m, forward, args, kwargs):
         """Trace into a composite layer; where its Python cannot be traced, take back what it
         recorded and keep it whole, as fx does with every torch.nn layer."""
-        last = self.graph._root.prev  # the last node so far
+        recorded = len(self.graph.nodes)  # the tracer only appends
         saved = (copy.copy(self.module_stack), dict(self.num_calls), self.failed_in)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
-            while self.graph._root.prev is not last:
-                self.graph.erase_node(self.graph._root.prev)
+            while len(self.graph.nodes) > recorded:  # last first: nothing reads it
+                self.graph.erase_node(next(reversed(self.graph.nodes)))
             self.module_stack, self.num_calls, self.failed_in = saved
             self.kept_whole.add(id(m))
             return super().call_module(m, forward, args, kwargs)
@@ -80,7 +82,6 @@ class SurgeryTracer(fx.Tracer):
 def _composite(m: torch.nn.Module) -> bool:
     """A torch.nn layer made only of other layers (nn.TransformerEncoderLayer, nn.Transformer): fx
     keeps every torch.nn layer whole, but the parts of this one have rules of their own."""
-    from ..rules import MODULE_RULES
     return (type(m).__module__.startswith("torch.nn.modules.") and type(m) not in MODULE_RULES
             and not m._parameters and not m._buffers and next(m.children(), None) is not None
             and not isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)))
