@@ -2,14 +2,10 @@
 gate acts on. Shapes are propagated at a second batch size to see which tensors follow it."""
 from __future__ import annotations
 
-import contextlib
-import io
-import itertools
-
 import torch
 import torch.fx as fx
 
-from ..capture.trace import propagate_shapes
+from ..capture.trace import on_meta, propagate_shapes
 from .cost import total_macs
 
 # The second batch size is propagated on the meta device (shapes, no arithmetic) when the model's
@@ -62,10 +58,5 @@ def _heavy(gm: fx.GraphModule, batch: int) -> bool:
 
 
 def _propagate_meta(gm: fx.GraphModule, inputs) -> None:
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    named = itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
-    meta = {name: torch.empty_like(t, device="meta") for name, t in named}
-    # ShapeProp prints the traceback of a failing node; a failure here only means "run it for real"
-    with _reparametrize_module(gm, meta), contextlib.redirect_stderr(io.StringIO()):
+    with on_meta(gm):
         propagate_shapes(gm, [t.to("meta") for t in inputs], internal=True)

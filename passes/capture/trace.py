@@ -215,6 +215,17 @@ def _as_meta(meta):
     return meta
 
 
+@contextlib.contextmanager
+def on_meta(gm: fx.GraphModule):
+    """`gm` with its parameters and buffers swapped for meta-device stand-ins (shapes, dtypes, no
+    data), and ShapeProp's printing of a failing node's traceback muted: a failure on meta only
+    means "run it for real"."""
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad) for name, t in named}
+    with _reparametrize_module(gm, meta), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
     todo = set(missing)
     prop = ShapeProp(gm)
@@ -232,12 +243,10 @@ def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
         if n.op == "get_attr" and any(u in todo for u in n.users):
             value = prop.run_node(n)
             prop.env[n] = torch.empty_like(value, device="meta") if torch.is_tensor(value) else value
-    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad) for name, t in named}
     was_training = gm.training
     gm.eval()
-    try:  # ShapeProp prints the traceback of a failing node; a failure here only means "run it"
-        with _reparametrize_module(gm, meta), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        with on_meta(gm), torch.no_grad():
             for n in missing:
                 prop.env[n] = prop.run_node(n)
     except Exception:
