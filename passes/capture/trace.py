@@ -52,11 +52,12 @@ class SurgeryTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.scope_path.append(self.path_of_module(m) or type(m).__name__)
+        path = self.path_of_module(m)
+        self.scope_path.append(path or type(m).__name__)
         try:
-            if not _composite(m) or id(m) in self.kept_whole or isinstance(m, self.extra_leaves):
-                return super().call_module(m, forward, args, kwargs)
-            return self._into_or_whole(m, forward, args, kwargs)
+            if _composite(m) and not self.is_leaf_module(m, path):
+                return self._into_or_whole(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # record it before the unwinding pops it
                 self.failed_in = self.scope_path[-1]
