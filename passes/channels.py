@@ -179,12 +179,26 @@ class ChannelSpace:
             return
         rx, ry = rx[live], ry[live]
         nodes, inv = np.unique(np.concatenate([rx, ry]), return_inverse=True)
+        if len(nodes) == 2 * len(rx):  # no class in two pairs (a layer's fresh in-channels
+            self._merge_disjoint(rx, ry)  # meeting its input's): the merges do not interact
+            return
         inv = inv.reshape(-1)
         weight = self._weight[nodes]  # a copy
         local = _merge_local(inv[:len(rx)], inv[len(rx):], weight, nodes)
         moved = local != np.arange(len(nodes))
         self._parent[nodes[moved]] = nodes[local[moved]]
         self._weight[nodes[~moved]] = weight[~moved]
+
+    def _merge_disjoint(self, rx: np.ndarray, ry: np.ndarray) -> None:
+        """networkx's union(rx[k], ry[k]) for roots no two pairs share: each pair on its own."""
+        wx, wy = self._weight[rx], self._weight[ry]
+        x_wins = wx > wy
+        tie = np.nonzero(wx == wy)[0]
+        if len(tie):
+            x_wins[tie] = _first_of_pairs(rx[tie], ry[tie]) == rx[tie]
+        root, child = np.where(x_wins, rx, ry), np.where(x_wins, ry, rx)
+        self._parent[child] = root
+        self._weight[root] = wx + wy
 
     def _merge_set(self, objects: list[int]) -> None:
         """networkx's UnionFind.union(*objects), exactly."""
@@ -230,6 +244,18 @@ def _first_of_pair(a: int, b: int) -> int:
     """networkx's tie-break between two roots of equal weight: the first of the Python set {a, b}
     (it sorts that set by weight, stably)."""
     return next(iter({a, b}))
+
+
+def _first_of_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`_first_of_pair` of each (a[k], b[k]). A two-int set iterates in the order of its 8 hash
+    slots (an int below 2**61 hashes to itself): the smaller of a % 8 and b % 8 comes first; on a
+    collision the probe order decides, so those ask Python."""
+    sa, sb = a & 7, b & 7
+    out = np.where(sa < sb, a, b)
+    same = np.nonzero(sa == sb)[0]
+    if len(same):
+        out[same] = [_first_of_pair(x, y) for x, y in zip(a[same].tolist(), b[same].tolist())]
+    return out
 
 
 def _merge_local(u: np.ndarray, v: np.ndarray, weight: np.ndarray, key: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..copying import copy_module
 from .trace import TraceError
 
 aten = torch.ops.aten
@@ -72,7 +73,7 @@ def _batched(example: tuple) -> tuple:
 
 def export_graph(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """A copy of `model` captured by torch.export as a GraphModule (shapes not yet propagated)."""
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model).eval()
     example = _batched(tuple(example_inputs))
     dynamic = tuple({0: torch.export.Dim.AUTO} if torch.is_tensor(x) and x.ndim else None for x in example)
     try:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 
 import torch
 import torch.fx as fx
 import torchvision
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..copying import copy_module
 from ..rules import MODULE_RULES
 
 
@@ -112,7 +112,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
     was_training = model.training
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model).eval()
     tracer = SurgeryTracer(leaf_modules)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:  # the inference fast path of nn.Transformer* layers branches on tensor properties
@@ -143,13 +143,32 @@ class NodeFailure(RuntimeError):
 
 
 class _ShapeProp(ShapeProp):
+    """ShapeProp's records (meta 'tensor_meta' and 'type'), less the memory-format queries (a third
+    of a propagation's time; nothing here reads them), and a failure raised as NodeFailure."""
+
     def run_node(self, n):
         try:
-            return super().run_node(n)
+            result = fx.Interpreter.run_node(self, n)
         except NodeFailure:
             raise
         except Exception as e:
-            raise NodeFailure(n, e.__cause__ if e.__cause__ is not None else e) from e
+            raise NodeFailure(n, e) from e
+        found = False
+
+        def record(value):
+            nonlocal found
+            if not isinstance(value, torch.Tensor):
+                return value
+            found = True
+            if value.is_quantized or value.layout != torch.strided:  # rare: ShapeProp's full record
+                return _extract_tensor_metadata(value)
+            return TensorMetadata(value.shape, value.dtype, value.requires_grad, value.stride(), None, False, {})
+
+        meta = fx.node.map_aggregate(result, record)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
@@ -219,17 +238,16 @@ def _as_meta(meta):
 @contextlib.contextmanager
 def on_meta(gm: fx.GraphModule):
     """`gm` with its parameters and buffers swapped for meta-device stand-ins (shapes, dtypes, no
-    data), and ShapeProp's printing of a failing node's traceback muted: a failure on meta only
-    means "run it for real"."""
+    data)."""
     named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad) for name, t in named}
-    with _reparametrize_module(gm, meta), contextlib.redirect_stderr(io.StringIO()):
+    with _reparametrize_module(gm, meta):
         yield
 
 
 def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
     todo = set(missing)
-    prop = ShapeProp(gm)
+    prop = _ShapeProp(gm)
     for node in missing:
         for a in node.all_input_nodes:
             if a in todo or a.op == "get_attr":

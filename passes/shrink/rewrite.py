@@ -29,6 +29,7 @@ from ..analyse.batch import propagate_cheaply
 from ..analyse.sections import network_depth
 from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
 from ..capture.trace import NodeFailure
+from ..copying import copy_module
 
 
 
@@ -157,7 +158,7 @@ def _copy_sharing_tensors(gated, plan) -> fx.GraphModule:
     memo = {id(plan): plan}  # read, and replaced at the end
     for t in itertools.chain(gated.parameters(), gated.buffers()):
         memo[id(t)] = t
-    return copy.deepcopy(gated, memo)
+    return copy_module(gated, memo)
 
 
 def _unshare_tensors(gm, gated) -> None:
@@ -268,7 +269,7 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
     sliced_params = rule.params(module) if rule.params else {}
     # The tensors about to be replaced by their slices are not worth copying first.
     replaced = [getattr(module, p, None) for p in sliced_params]
-    new = copy.deepcopy(module, {id(t): t for t in replaced if isinstance(t, torch.Tensor)})
+    new = copy_module(module, {id(t): t for t in replaced if isinstance(t, torch.Tensor)})
     shared = {} if shared is None else shared
     for pname, dims in sliced_params.items():
         t = getattr(module, pname, None)
