@@ -247,15 +247,34 @@ def _first_of_pair(a: int, b: int) -> int:
 
 
 def _first_of_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """`_first_of_pair` of each (a[k], b[k]). A two-int set iterates in the order of its 8 hash
-    slots (an int below 2**61 hashes to itself): the smaller of a % 8 and b % 8 comes first; on a
-    collision the probe order decides, so those ask Python."""
-    sa, sb = a & 7, b & 7
-    out = np.where(sa < sb, a, b)
-    same = np.nonzero(sa == sb)[0]
-    if len(same):
-        out[same] = [_first_of_pair(x, y) for x, y in zip(a[same].tolist(), b[same].tolist())]
-    return out
+    """`_first_of_pair` of each (a[k], b[k]), computed as CPython lays out a set of two ints."""
+    if not _SET_ORDER_MODELLED:
+        return np.array([_first_of_pair(x, y) for x, y in zip(a.tolist(), b.tolist())], dtype=np.int64)
+    return np.where(a & 7 < _slot_of_second(a, b), a, b)
+
+
+def _slot_of_second(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where {a, b} puts b: a set of two starts with 8 slots and iterates them in order; an int
+    below 2**61 hashes to itself; a taken slot i sends the probe to (5i + 1 + perturb) & 7, perturb
+    starting at the hash and shifted right by 5 before each step (CPython's setobject.c)."""
+    slot, taken = b & 7, a & 7
+    perturb = b.copy()
+    clash = np.nonzero(slot == taken)[0]
+    while len(clash):
+        perturb[clash] >>= 5
+        slot[clash] = (slot[clash] * 5 + 1 + perturb[clash]) & 7
+        clash = clash[slot[clash] == taken[clash]]
+    return slot
+
+
+def _set_order_modelled() -> bool:
+    """Does this interpreter's set order follow the model? (Checked once, on pairs that clash.)"""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**31 - 1, 4096, dtype=np.int64)
+    b = np.where(np.arange(4096) % 2 == 0, a + 8 * rng.integers(1, 2**20, 4096), rng.integers(0, 2**31 - 1, 4096))
+    b = np.where(b == a, b + 1, b)
+    want = [_first_of_pair(x, y) for x, y in zip(a.tolist(), b.tolist())]
+    return np.where(a & 7 < _slot_of_second(a, b), a, b).tolist() == want
 
 
 def _merge_local(u: np.ndarray, v: np.ndarray, weight: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -365,3 +384,6 @@ def _merge_sequential(u: np.ndarray, v: np.ndarray, parent: np.ndarray, weight: 
         w[a] += w[b]
     parent[:] = par
     weight[:] = w
+
+
+_SET_ORDER_MODELLED = _set_order_modelled()

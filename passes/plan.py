@@ -119,6 +119,18 @@ class Plan:
         makes a new, restricted one)."""
         return self._unit_group
 
+    @cached_property
+    def unit_table(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """unit_group as arrays: (group names; per unit id, its group's index in them or -1, and
+        its index in the group), for lookups of whole axes at once."""
+        names = list(self.groups)
+        size = 1 + max((max(g.units) for g in self.groups.values() if len(g.units)), default=-1)
+        group, index = np.full(size, -1, dtype=np.int64), np.zeros(size, dtype=np.int64)
+        for k, g in enumerate(self.groups.values()):
+            units = np.asarray(g.units, dtype=np.int64)
+            group[units], index[units] = k, np.arange(len(units))
+        return names, group, index
+
     def restrict(self, removed_units: set[int], removed_sections: set[str], gone_nodes: set[str],
                  gone_modules: set[str]) -> "Plan":
         """The plan of the graph after shrinking."""

@@ -20,20 +20,50 @@ def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> 
         return True
     before = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
     bigger = [torch.cat([t, t[:1]]) for t in example_inputs]
-    saved = {n: {k: n.meta[k] for k in ("tensor_meta", "type") if k in n.meta} for n in gm.graph.nodes}
     try:
-        propagate_cheaply(gm, bigger)
-        after = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
+        after = _shapes_cheaply(gm, bigger, set(acted_on))
     except Exception:
         return False  # the batch size is baked in somewhere: one sample per minibatch is safe
-    finally:  # the shapes at the example, as they were (the same as propagating it again)
-        for n, meta in saved.items():
-            for k in ("tensor_meta", "type"):
-                n.meta.pop(k, None)
-            n.meta.update(meta)
     batch = example_inputs[0].shape[0]
-    return all(before[n][0] == batch and after[n][0] == batch + 1 and before[n][1:] == after[n][1:]
-               for n in acted_on)
+    return all(before[n][0] == batch and after[n] is not None and after[n][0] == batch + 1
+               and before[n][1:] == after[n][1:] for n in acted_on)
+
+
+class _ShapesOf(fx.Interpreter):
+    """Runs the graph keeping the shapes of `wanted` nodes only (node meta is left as it is)."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted, self.shapes = wanted, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.shapes[n] = tuple(out.shape) if torch.is_tensor(out) else None
+        return out
+
+
+def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
+    """The shapes of `wanted` at `inputs`, on the meta device where the layers are heavy (as in
+    propagate_cheaply)."""
+    def run(values):
+        interpreter = _ShapesOf(gm, wanted)
+        interpreter.run(*values)
+        return interpreter.shapes
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            if _heavy(gm, inputs[0].shape[0]):
+                try:
+                    with on_meta(gm):
+                        return run([t.to("meta") for t in inputs])
+                except Exception:
+                    pass
+            return run(inputs)
+    finally:
+        gm.train(was_training)
 
 
 def propagate_cheaply(gm: fx.GraphModule, inputs, *, internal: bool = False) -> None:

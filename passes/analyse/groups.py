@@ -338,25 +338,28 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
         if node.op == "get_attr" and node.target in param_axes:
             node_axes[node.name] = param_axes[node.target]
 
-    # Units that some conv/linear produces and nothing pins are the prunable ones.
-    producers_of_unit, first_id = _producers_of_units(space, unit_of_id)
-
-    by_signature: dict[frozenset, list[int]] = defaultdict(list)
-    for u, mods in producers_of_unit.items():
-        if not pinned_unit[u]:
-            by_signature[frozenset(mods)].append(u)
+    # Units that some conv/linear produces and nothing pins are the prunable ones; units with the
+    # same producers form a group, groups and their units in the order of their first ids.
+    produced, signature, signatures, first_id = _producers_of_units(space, unit_of_id)
+    free = ~pinned_unit[produced]
+    units_f, sig_f, first_f = produced[free], signature[free], first_id[free]
+    order = np.lexsort((first_f, sig_f))
+    units_f, sig_f, first_f = units_f[order], sig_f[order], first_f[order]
+    starts = np.nonzero(np.r_[True, sig_f[1:] != sig_f[:-1]])[0] if len(sig_f) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(sig_f)]
     params, macs = _unit_costs(gm, w.modules, module_axes, node_axes)
     module_order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     groups = {}
-    for sig, us in sorted(by_signature.items(), key=lambda kv: min(first_id[u] for u in kv[1])):
-        us = sorted(us, key=lambda u: first_id[u])
-        producers = sorted(sig, key=lambda m: module_order.get(m, 0))
+    for k in np.argsort(first_f[starts], kind="stable").tolist():
+        us = units_f[starts[k]:ends[k]].tolist()
+        producers = sorted(signatures[sig_f[starts[k]]], key=lambda m: module_order.get(m, 0))
         name = _unique(producers[0].replace(".", "_"), groups)
         groups[name] = ChannelGroup(name, us, producers, np.array([params.get(u, 0) for u in us]),
                                     np.array([macs.get(u, 0) for u in us]))
 
     unprunable = []
-    reasons_producers = _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, producers_of_unit)
+    reasons_producers = _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, produced, signature,
+                                             signatures)
     for reason in sorted(set(w.pin_sites) | set(reasons_producers)):
         unprunable.append(Unprunable(reason, sorted(w.pin_sites.get(reason, ())),
                                      sorted(reasons_producers.get(reason, ()))))
@@ -388,33 +391,47 @@ def _unique(name: str, taken) -> str:
 
 
 def _producers_of_units(space, unit_of_id):
-    """unit -> the modules producing its channels, and unit -> its first id that a module produces
-    (for units that some module produces)."""
+    """For the units that some module produces: (those units, ascending; each one's code for its set
+    of producing modules; the sets by code, as tuples of names; each one's first produced id)."""
     ids, producers, which = space.producer_ids()
-    module_names = sorted({m for m, _axis in producers})
-    module_of = np.array([module_names.index(m) for m, _axis in producers], dtype=np.int64)
+    if not len(ids):
+        empty = np.zeros(0, np.int64)
+        return empty, empty, [], empty
+    names = sorted({m for m, _axis in producers})
+    code = {m: i for i, m in enumerate(names)}
+    module_of = np.array([code[m] for m, _axis in producers], dtype=np.int64)
     units = unit_of_id[ids]
-    pairs = np.unique(units * len(module_names) + module_of[which]) if len(ids) else np.zeros(0, np.int64)
-    producers_of_unit: dict[int, set[str]] = defaultdict(set)
-    for u, m in zip((pairs // max(len(module_names), 1)).tolist(), (pairs % max(len(module_names), 1)).tolist()):
-        producers_of_unit[u].add(module_names[m])
-    uniq, first = np.unique(units, return_index=True)  # ids ascend: the first is the smallest
-    return producers_of_unit, dict(zip(uniq.tolist(), ids[first].tolist()))
+    n = len(names)
+    pairs = np.unique(units * n + module_of[which])  # (unit, module) once each, by unit
+    pair_unit, pair_module = pairs // n, pairs % n
+    starts = np.nonzero(np.r_[True, pair_unit[1:] != pair_unit[:-1]])[0]
+    counts = np.diff(np.r_[starts, len(pairs)])
+    signature = pair_module[starts].copy()  # a unit of one producer: that module's code
+    signatures = [(m,) for m in names]
+    known: dict[tuple, int] = {}
+    for k in np.nonzero(counts > 1)[0].tolist():  # units of several producers (rare): their sets
+        key = tuple(pair_module[starts[k]:starts[k] + counts[k]].tolist())
+        if key not in known:
+            known[key] = len(signatures)
+            signatures.append(tuple(names[i] for i in key))
+        signature[k] = known[key]
+    _, first = np.unique(units, return_index=True)  # ids ascend: the first is the smallest
+    return pair_unit[starts], signature, signatures, ids[first]
 
 
-def _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, producers_of_unit) -> dict[str, set[str]]:
+def _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, produced, signature,
+                         signatures) -> dict[str, set[str]]:
     """Every pin reason -> the modules whose output channels it pinned (a unit is pinned for the
     reasons of all of its ids)."""
     used = np.nonzero(np.bincount(pin_codes, minlength=len(space.reasons)))[0]
     out: dict[str, set[str]] = {space.reasons[c]: set() for c in used.tolist()}
     units = unit_of_id[pinned_ids]
-    produced = np.zeros(int(unit_of_id.max()) + 1 if len(unit_of_id) else 0, dtype=bool)
-    produced[np.fromiter(producers_of_unit, dtype=np.int64, count=len(producers_of_unit))] = True
-    mine = produced[units]  # only the units that some module produces have producers to name
-    n = max(len(space.reasons), 1)
-    pairs = np.unique(units[mine] * n + pin_codes[mine])  # (unit, reason) pairs, once each
-    for u, c in zip((pairs // n).tolist(), (pairs % n).tolist()):
-        out[space.reasons[c]] |= producers_of_unit[u]
+    at = np.minimum(np.searchsorted(produced, units), max(len(produced) - 1, 0))
+    mine = (produced[at] == units) if len(produced) else np.zeros(len(units), dtype=bool)
+    n = max(len(signatures), 1)
+    pairs = np.unique(pin_codes[mine] * n + signature[at[mine]])  # (reason, producer set) pairs, once each
+    for c, sig in zip((pairs // n).tolist(), (pairs % n).tolist()):
+        out[space.reasons[c]].update(signatures[sig])
     return out
 
 

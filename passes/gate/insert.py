@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -17,17 +18,25 @@ MASKS = "vps_masks"
 
 def mask_index(plan: Plan, site_units, groups: list[str]) -> torch.Tensor:
     """Per channel position: 0 (no gate) or 1 + the unit's slot in cat(z of `groups`)."""
-    offset, slot = 1, {}
+    names, group, index = plan.unit_table
+    offset = np.full(len(names) + 1, -1, dtype=np.int64)  # the last entry: "no group"
+    start, position = 1, {name: k for k, name in enumerate(names)}
     for name in groups:
-        for i, u in enumerate(plan.groups[name].units):
-            slot[u] = offset + i
-        offset += len(plan.groups[name].units)
-    return torch.tensor([slot.get(int(u), 0) for u in site_units], dtype=torch.long)
+        offset[position[name]] = start
+        start += len(plan.groups[name].units)
+    units = np.asarray(site_units, dtype=np.int64).reshape(-1)
+    known = units < len(group)
+    owner = np.where(known, group[np.where(known, units, 0)], -1)
+    base = offset[owner]  # owner -1 reads the "no group" entry
+    return torch.from_numpy(np.where(base >= 0, base + index[np.where(known, units, 0)], 0))
 
 
 def site_groups(plan: Plan, site_units) -> list[str]:
-    owner = plan.unit_group()
-    return sorted({owner[int(u)][0] for u in site_units if int(u) in owner})
+    """The groups whose units the site's channels are, by name."""
+    names, group, _ = plan.unit_table
+    units = np.asarray(site_units, dtype=np.int64).reshape(-1)
+    owners = np.unique(group[units[units < len(group)]])
+    return sorted(names[k] for k in owners.tolist() if k >= 0)
 
 
 def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphModule:

@@ -216,6 +216,8 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
 
 # ---------------------------------------------------------------------------------- sections
 def _remove_sections(gm, plan, removed_sections):
+    if not removed_sections:
+        return
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in removed_sections:
         s = plan.sections[name]
@@ -246,8 +248,12 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
 
 # ---------------------------------------------------------------------------------- slicing
 def _slice_modules(gm, plan, removed, slices, stage):
+    """Slice, in place, the modules of `gm` (its own: _copy_sharing_tensors copied them) whose
+    channels go; their tensors are replaced, never written into (gated still holds them)."""
     done = set()
     shared: dict[int, tuple] = {}  # a parameter tied between modules is sliced once, and stays tied
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    sliced: dict[int, dict] = {}  # one module under several names is sliced once
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in done or node.target not in plan.module_axes:
             continue
@@ -257,19 +263,25 @@ def _slice_modules(gm, plan, removed, slices, stage):
         keep = {name: torch.as_tensor(ax.keep(removed)) for name, ax in axes.items()}
         if all(len(k) == len(axes[n].units) for n, k in keep.items()):
             continue
-        module = gm.get_submodule(node.target)
+        module = modules[node.target]
+        if id(module) in sliced:
+            if any(not torch.equal(k, sliced[id(module)][n]) for n, k in keep.items()):
+                raise ShrinkError(f"module '{node.target}' is one module under several names whose calls "
+                                  f"would keep different channels; please report it")
+            continue
+        sliced[id(module)] = keep
         rule = MODULE_RULES[type(module)]
-        _set_submodule(gm, node.target, slice_module(module, rule, keep, shared))
         for pname, dims in (rule.params(module) if rule.params else {}).items():
             if isinstance(getattr(module, pname, None), nn.Parameter):
                 slices[f"{node.target}.{pname}"] = {d: keep[a] for d, a in dims.items()}
+        slice_module(module, rule, keep, shared)
 
 
 def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared: dict | None = None) -> nn.Module:
+    """`module` with its parameters replaced by their slices along the kept channels, and its sizes
+    (out_channels, ...) updated; in place: pass a copy to keep the original."""
     sliced_params = rule.params(module) if rule.params else {}
-    # The tensors about to be replaced by their slices are not worth copying first.
-    replaced = [getattr(module, p, None) for p in sliced_params]
-    new = copy_module(module, {id(t): t for t in replaced if isinstance(t, torch.Tensor)})
+    new = module
     shared = {} if shared is None else shared
     for pname, dims in sliced_params.items():
         t = getattr(module, pname, None)
@@ -297,11 +309,6 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
     if rule.resize:
         rule.resize(new, {name: len(k) for name, k in keep.items()})
     return new
-
-
-def _set_submodule(gm, target, module):
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def _slice_params(gm, plan, removed, slices):
