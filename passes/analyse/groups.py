@@ -347,15 +347,14 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
     units_f, sig_f, first_f = units_f[order], sig_f[order], first_f[order]
     starts = np.nonzero(np.r_[True, sig_f[1:] != sig_f[:-1]])[0] if len(sig_f) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(sig_f)]
-    params, macs = _unit_costs(gm, w.modules, module_axes, node_axes)
+    params, macs = _unit_costs(gm, w.modules, module_axes, node_axes, len(pinned_unit))
     module_order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     groups = {}
     for k in np.argsort(first_f[starts], kind="stable").tolist():
-        us = units_f[starts[k]:ends[k]].tolist()
+        us = units_f[starts[k]:ends[k]]
         producers = sorted(signatures[sig_f[starts[k]]], key=lambda m: module_order.get(m, 0))
         name = _unique(producers[0].replace(".", "_"), groups)
-        groups[name] = ChannelGroup(name, us, producers, np.array([params.get(u, 0) for u in us]),
-                                    np.array([macs.get(u, 0) for u in us]))
+        groups[name] = ChannelGroup(name, us.tolist(), producers, params[us], macs[us])
 
     unprunable = []
     reasons_producers = _producers_by_reason(space, unit_of_id, pinned_ids, pin_codes, produced, signature,
@@ -408,13 +407,23 @@ def _producers_of_units(space, unit_of_id):
     counts = np.diff(np.r_[starts, len(pairs)])
     signature = pair_module[starts].copy()  # a unit of one producer: that module's code
     signatures = [(m,) for m in names]
-    known: dict[tuple, int] = {}
-    for k in np.nonzero(counts > 1)[0].tolist():  # units of several producers (rare): their sets
-        key = tuple(pair_module[starts[k]:starts[k] + counts[k]].tolist())
-        if key not in known:
-            known[key] = len(signatures)
-            signatures.append(tuple(names[i] for i in key))
-        signature[k] = known[key]
+    multi = np.nonzero(counts > 1)[0]
+    if len(multi):  # units of several producers (a depthwise conv's and its input's): a row each,
+        row_of = np.full(len(starts), -1, dtype=np.int64)  # padded with -1; equal rows, one code
+        row_of[multi] = np.arange(len(multi))
+        of_pair = np.repeat(np.arange(len(starts)), counts)
+        column = np.arange(len(pairs)) - starts[of_pair]
+        rows = np.full((len(multi), int(counts.max())), -1, dtype=np.int64)
+        mine = row_of[of_pair] >= 0
+        rows[row_of[of_pair[mine]], column[mine]] = pair_module[mine]
+        if int(counts.max()) * np.log2(n + 1) < 62:  # a row as one integer: a faster unique
+            key = ((rows + 1) * (n + 1) ** np.arange(rows.shape[1], dtype=np.int64)).sum(axis=1)
+            _, first, code_of_row = np.unique(key, return_index=True, return_inverse=True)
+            distinct = rows[first]
+        else:
+            distinct, code_of_row = np.unique(rows, axis=0, return_inverse=True)
+        signature[multi] = n + code_of_row.reshape(-1)
+        signatures += [tuple(names[i] for i in row if i >= 0) for row in distinct.tolist()]
     _, first = np.unique(units, return_index=True)  # ids ascend: the first is the smallest
     return pair_unit[starts], signature, signatures, ids[first]
 
@@ -446,12 +455,11 @@ class _Sums:
         self.units.append(np.asarray(units, dtype=np.int64))
         self.amounts.append(np.full(len(units), amount, dtype=np.float64))
 
-    def result(self) -> dict[int, float]:
+    def result(self, n_units: int) -> np.ndarray:
+        """The sum for each unit 0..n_units-1 (0 where nothing was added)."""
         if not self.units:
-            return {}
-        uniq, inverse = np.unique(np.concatenate(self.units), return_inverse=True)
-        sums = np.bincount(inverse.reshape(-1), weights=np.concatenate(self.amounts), minlength=len(uniq))
-        return dict(zip(uniq.tolist(), sums.tolist()))
+            return np.zeros(n_units)
+        return np.bincount(np.concatenate(self.units), weights=np.concatenate(self.amounts), minlength=n_units)
 
 
 def varying_axis(u: np.ndarray) -> Axis | None:
@@ -466,7 +474,7 @@ def varying_axis(u: np.ndarray) -> Axis | None:
     return Axis(varying[0], line.reshape(-1))
 
 
-def _unit_costs(gm, modules, module_axes, node_axes):
+def _unit_costs(gm, modules, module_axes, node_axes, n_units):
     """Parameters and MACs removed with each unit (first order: a weight entry whose in and out
     channel both go is counted twice, as in every L0-style size penalty)."""
     params, macs = _Sums(), _Sums()
@@ -501,4 +509,4 @@ def _unit_costs(gm, modules, module_axes, node_axes):
         total = product_macs(node, batch) if isinstance(ax, Axis) and len(ax.units) else None
         if total:
             macs.add(ax.units, product_macs_along(node, ax.dim, total, batch))
-    return params.result(), macs.result()
+    return params.result(n_units), macs.result(n_units)
