@@ -272,3 +272,61 @@ def test_complete_shapes_runs_the_graph_when_a_new_node_reads_an_unrecorded_valu
     got = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
     propagate_shapes(gm, (x,))
     assert got == {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+
+
+class _MadeInForward(nn.Module):
+    """Makes a CPU tensor inside forward: it cannot meet a meta tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.arange(y.shape[-1], dtype=y.dtype)
+
+
+def _records(gm):
+    def record(meta):
+        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):
+            return tuple(record(m) for m in meta)
+        return (tuple(meta.shape), meta.dtype) if hasattr(meta, "shape") else meta
+    return {n.name: record(n.meta["tensor_meta"]) if "tensor_meta" in n.meta else n.meta.get("type")
+            for n in gm.graph.nodes}
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "vit_b_16"])
+def test_a_slow_propagation_finishes_on_the_meta_device_with_the_same_shapes(name, monkeypatch):
+    import importlib
+    trace_mod = importlib.import_module("vpsurgery.passes.capture.trace")
+    torch.manual_seed(0)
+    kwargs = {"image_size": 32} if name == "vit_b_16" else {}
+    model = torchvision.models.get_model(name, num_classes=10, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = trace_mod.trace(model, (x,))
+    real = _records(gm)
+    monkeypatch.setattr(trace_mod, "SWITCH_AFTER_S", 0.0)  # every run is "slow" from its first node
+    monkeypatch.setattr(trace_mod, "SLOW_NODE_S", 0.0)
+    layers = [m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ran = []
+    for m in layers:
+        m.register_forward_hook(lambda mod, i, o: ran.append(o.device.type))
+    trace_mod.propagate_shapes(gm, (x,))
+    assert ran and set(ran) == {"meta"}  # nothing ran for real
+    assert _records(gm) == real
+    assert all(p.device.type == "cpu" for p in gm.parameters())  # the weights are back
+
+
+def test_a_graph_the_meta_device_cannot_finish_is_run_for_real(monkeypatch):
+    import importlib
+    trace_mod = importlib.import_module("vpsurgery.passes.capture.trace")
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace_mod.trace(_MadeInForward(), (x,))
+    real = _records(gm)
+    monkeypatch.setattr(trace_mod, "SWITCH_AFTER_S", 0.0)
+    monkeypatch.setattr(trace_mod, "SLOW_NODE_S", 0.0)
+    ran = []
+    gm.conv.register_forward_hook(lambda mod, i, o: ran.append(o.device.type))
+    trace_mod.propagate_shapes(gm, (x,))
+    assert ran == ["meta", "cpu"]  # tried on meta, then run for real
+    assert _records(gm) == real

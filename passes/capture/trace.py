@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 import torchvision
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
@@ -142,16 +144,55 @@ class NodeFailure(RuntimeError):
         self.node, self.cause, self.first = node.name, cause, first
 
 
+# A propagation runs for real until it has taken SWITCH_AFTER_S at more than SLOW_NODE_S a node,
+# then finishes on the meta device (shapes without arithmetic, about 0.3 ms a node): a large
+# model at full size spends seconds on arithmetic of which only the shapes are kept, a small one
+# never reaches the switch.
+SWITCH_AFTER_S = 0.5
+SLOW_NODE_S = 2e-3
+
+
+class _MetaFailed(Exception):
+    """A node failed after the switch to the meta device: run the whole graph for real."""
+
+
+def _to_meta(value):
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), value)
+
+
 class _ShapeProp(ShapeProp):
     """ShapeProp's records (meta 'tensor_meta' and 'type'), less the memory-format queries (a third
-    of a propagation's time; nothing here reads them), and a failure raised as NodeFailure."""
+    of a propagation's time; nothing here reads them), and a failure raised as NodeFailure. With
+    `switch`, the rest of a slow run goes on the meta device (see SWITCH_AFTER_S)."""
+
+    def __init__(self, gm, *, switch: bool = False):
+        super().__init__(gm)
+        self._started, self._done = time.perf_counter(), 0
+        self._may_switch, self.switched, self.on_meta = switch, False, contextlib.ExitStack()
+
+    def _maybe_switch(self) -> None:
+        spent = time.perf_counter() - self._started
+        if spent < SWITCH_AFTER_S:
+            return
+        self._may_switch = False
+        if spent / max(self._done, 1) > SLOW_NODE_S:
+            self.on_meta.enter_context(on_meta(self.module))
+            self.switched = True
+            self.env = {k: _to_meta(v) for k, v in self.env.items()}
 
     def run_node(self, n):
+        if self._may_switch:
+            self._maybe_switch()
+        self._done += 1
         try:
             result = fx.Interpreter.run_node(self, n)
+            if self.switched and n.op in ("placeholder", "get_attr"):  # an input, a constant: to meta too
+                result = _to_meta(result)
         except NodeFailure:
             raise
         except Exception as e:
+            if self.switched:
+                raise _MetaFailed() from e
             raise NodeFailure(n, e) from e
         found = False
 
@@ -188,7 +229,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
     gm.eval()
     try:
         with torch.no_grad():
-            _ShapeProp(gm).propagate(*example_inputs)
+            _propagate(gm, example_inputs)
     except NodeFailure as e:
         if internal:
             raise
@@ -200,6 +241,17 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
             f"example_inputs=(torch.randn(1, 3, 224, 224),)") from None
     finally:
         gm.train(was_training)
+
+
+def _propagate(gm: fx.GraphModule, example_inputs) -> None:
+    prop = _ShapeProp(gm, switch=True)
+    try:
+        with prop.on_meta:
+            prop.propagate(*example_inputs)
+        return
+    except _MetaFailed:  # an op the meta device cannot run (a tensor made on the CPU inside forward)
+        pass
+    _ShapeProp(gm).propagate(*example_inputs)
 
 
 def complete_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
