@@ -330,3 +330,25 @@ def test_a_graph_the_meta_device_cannot_finish_is_run_for_real(monkeypatch):
     trace_mod.propagate_shapes(gm, (x,))
     assert ran == ["meta", "cpu"]  # tried on meta, then run for real
     assert _records(gm) == real
+
+
+def test_later_propagations_go_to_meta_only_where_the_first_real_one_was_slow(monkeypatch):
+    import importlib
+    trace_mod = importlib.import_module("vpsurgery.passes.capture.trace")
+    batch_mod = importlib.import_module("vpsurgery.passes.analyse.batch")
+    x = torch.randn(2, 3, 16, 16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    for slow in (False, True):
+        if slow:  # every run is "slow" from its first node
+            monkeypatch.setattr(trace_mod, "SWITCH_AFTER_S", 0.0)
+            monkeypatch.setattr(trace_mod, "SLOW_NODE_S", 0.0)
+        gm = trace_mod.trace(model, (x,))
+        assert trace_mod.slow_to_run(gm) is slow
+        ran = []
+        gm.get_submodule("0").register_forward_hook(lambda mod, i, o: ran.append(o.device.type))
+        nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
+        assert batch_mod.batch_leads(gm, nodes, (x,))
+        batch_mod.propagate_cheaply(gm, [x])
+        assert ran == (["meta", "meta"] if slow else ["cpu", "cpu"])
+        assert trace_mod.slow_to_run(gm) is slow  # a meta run does not overwrite what the real one measured
+        assert tuple(nodes[-1].meta["tensor_meta"].shape) == (2, 4, 12, 12)

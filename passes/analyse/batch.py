@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..capture.trace import on_meta, propagate_shapes
-from .cost import total_macs
-
-# The second batch size is propagated on the meta device (shapes, no arithmetic) when the model's
-# conv/linear layers do at least this many multiply-accumulates per graph node: below it, a real
-# forward pass costs less than the meta one's per-op overhead (measured on 17 torchvision models).
-META_MACS_PER_NODE = 8e6
+from ..capture.trace import on_meta, propagate_shapes, slow_to_run
 
 
 def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> bool:
@@ -44,7 +38,7 @@ class _ShapesOf(fx.Interpreter):
 
 
 def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
-    """The shapes of `wanted` at `inputs`, on the meta device where the layers are heavy (as in
+    """The shapes of `wanted` at `inputs`, on the meta device where a real run was slow (as in
     propagate_cheaply)."""
     def run(values):
         interpreter = _ShapesOf(gm, wanted)
@@ -55,7 +49,7 @@ def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
     gm.eval()
     try:
         with torch.no_grad():
-            if _heavy(gm, inputs[0].shape[0]):
+            if slow_to_run(gm):
                 try:
                     with on_meta(gm):
                         return run([t.to("meta") for t in inputs])
@@ -67,24 +61,17 @@ def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
 
 
 def propagate_cheaply(gm: fx.GraphModule, inputs, *, internal: bool = False) -> None:
-    """Shapes at `inputs`, on the meta device where the layers are heavy; for real where that fails
+    """Shapes at `inputs`, on the meta device where a real run of the graph was slow (slow_to_run);
+    for real where that fails
     (an op without a meta kernel, a tensor made on the CPU inside forward, a value read as a number).
     `internal`: as in propagate_shapes (a failure of the real run names the node)."""
-    if _heavy(gm, inputs[0].shape[0]):
+    if slow_to_run(gm):
         try:
             _propagate_meta(gm, inputs)
             return
         except Exception:
             pass
     propagate_shapes(gm, inputs, internal=internal)
-
-
-def _heavy(gm: fx.GraphModule, batch: int) -> bool:
-    """Do the conv/linear layers do META_MACS_PER_NODE or more per node at this batch size?"""
-    try:
-        return total_macs(gm) * batch >= META_MACS_PER_NODE * len(gm.graph.nodes)
-    except Exception:  # a cost the model cannot tell: the real forward pass, as always
-        return False
 
 
 def _propagate_meta(gm: fx.GraphModule, inputs) -> None:

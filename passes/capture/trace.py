@@ -243,15 +243,27 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
         gm.train(was_training)
 
 
+SLOW_KEY = "vps_slow_to_run"  # gm.meta: a real run of this graph took over SLOW_NODE_S a node
+
+
 def _propagate(gm: fx.GraphModule, example_inputs) -> None:
     prop = _ShapeProp(gm, switch=True)
+    started = time.perf_counter()
     try:
         with prop.on_meta:
             prop.propagate(*example_inputs)
-        return
+        slow = prop.switched or time.perf_counter() - started > SLOW_NODE_S * len(gm.graph.nodes)
     except _MetaFailed:  # an op the meta device cannot run (a tensor made on the CPU inside forward)
-        pass
-    _ShapeProp(gm).propagate(*example_inputs)
+        _ShapeProp(gm).propagate(*example_inputs)
+        slow = False  # meta cannot run it: later runs must be real anyway
+    if not any(torch.is_tensor(t) and t.is_meta for t in example_inputs):  # a real run: its time tells
+        gm.meta[SLOW_KEY] = slow
+
+
+def slow_to_run(gm: fx.GraphModule) -> bool:
+    """Did a real shape propagation of this graph (or of the graph it was copied or shrunk from)
+    take over SLOW_NODE_S a node? Then shapes are cheaper on the meta device."""
+    return bool(getattr(gm, "meta", {}).get(SLOW_KEY, False))
 
 
 def complete_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
