@@ -61,10 +61,10 @@ def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
 
 
 def propagate_cheaply(gm: fx.GraphModule, inputs, *, internal: bool = False) -> None:
-    """Shapes at `inputs`, on the meta device where a real run of the graph was slow (slow_to_run);
-    for real where that fails
-    (an op without a meta kernel, a tensor made on the CPU inside forward, a value read as a number).
-    `internal`: as in propagate_shapes (a failure of the real run names the node)."""
+    """Shapes at `inputs`, on the meta device where a real run of the graph was slow (slow_to_run),
+    for real where that fails (an op without a meta kernel, a tensor made on the CPU inside forward,
+    a value read as a number). `internal`: as in propagate_shapes (a failure of the real run names
+    the node)."""
     if slow_to_run(gm):
         try:
             _propagate_meta(gm, inputs)

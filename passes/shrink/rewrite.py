@@ -281,7 +281,6 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
     """`module` with its parameters replaced by their slices along the kept channels, and its sizes
     (out_channels, ...) updated; in place: pass a copy to keep the original."""
     sliced_params = rule.params(module) if rule.params else {}
-    new = module
     shared = {} if shared is None else shared
     for pname, dims in sliced_params.items():
         t = getattr(module, pname, None)
@@ -293,7 +292,7 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
             if was_kept != kept:
                 raise ShrinkError(f"parameter {pname} of a module is tied to another module's but the two "
                                   f"would keep different channels; please report it")
-            setattr(new, pname, sliced)
+            setattr(module, pname, sliced)
             continue
         data = t.detach()
         for d, axis in dims.items():
@@ -304,11 +303,11 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
             sliced = nn.Parameter(data, requires_grad=t.requires_grad)
         else:
             sliced = data
-        setattr(new, pname, sliced)
+        setattr(module, pname, sliced)
         shared[id(t)] = (t, kept, sliced)  # `t` kept alive so that its id is not reused
     if rule.resize:
-        rule.resize(new, {name: len(k) for name, k in keep.items()})
-    return new
+        rule.resize(module, {name: len(k) for name, k in keep.items()})
+    return module
 
 
 def _slice_params(gm, plan, removed, slices):
