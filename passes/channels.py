@@ -126,6 +126,8 @@ class ChannelSpace:
         """The distinct (a, b) pairs of two broadcast id arrays, in lexicographic order."""
         a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
         a, b = a.reshape(-1), b.reshape(-1)
+        if len(a) < 2 or (a[1:] > a[:-1]).all():  # already distinct and in order (fresh ids on one side)
+            return a, b
         n = max(self._next, 1)
         if n < (1 << 31):  # one int64 key per pair: sorting keys sorts the pairs
             keys = np.unique(a * n + b)
@@ -178,10 +180,11 @@ class ChannelSpace:
         if not live.any():
             return
         rx, ry = rx[live], ry[live]
-        nodes, inv = np.unique(np.concatenate([rx, ry]), return_inverse=True)
-        if len(nodes) == 2 * len(rx):  # no class in two pairs (a layer's fresh in-channels
+        ends = np.sort(np.concatenate([rx, ry]))
+        if not (ends[1:] == ends[:-1]).any():  # no class in two pairs (a layer's fresh in-channels
             self._merge_disjoint(rx, ry)  # meeting its input's): the merges do not interact
             return
+        nodes, inv = np.unique(np.concatenate([rx, ry]), return_inverse=True)
         inv = inv.reshape(-1)
         weight = self._weight[nodes]  # a copy
         local = _merge_local(inv[:len(rx)], inv[len(rx):], weight, nodes)
