@@ -131,9 +131,8 @@ class Plan:
             group[units], index[units] = k, np.arange(len(units))
         return names, group, index
 
-    def restrict(self, removed_units: set[int], removed_sections: set[str], gone_nodes: set[str],
-                 gone_modules: set[str]) -> "Plan":
-        """The plan of the graph after shrinking."""
+    def restrict(self, removed_units: set[int], removed_sections: set[str]) -> "Plan":
+        """The plan of the graph after shrinking, before its dead nodes go (see `forget`)."""
         mask = removed_mask(removed_units)
 
         def axis(a):
@@ -145,17 +144,24 @@ class Plan:
         for g in self.groups.values():
             keep = [i for i, u in enumerate(g.units) if u not in removed_units]
             if keep:
-                groups[g.name] = replace(g, units=[g.units[i] for i in keep],
-                                         producers=[p for p in g.producers if p not in gone_modules],
-                                         params=g.params[keep], macs=g.macs[keep])
+                groups[g.name] = replace(g, units=[g.units[i] for i in keep], params=g.params[keep],
+                                         macs=g.macs[keep])
         return replace(
             self, groups=groups,
-            sections={k: s for k, s in self.sections.items()
-                      if k not in removed_sections and s.add not in gone_nodes},
-            node_axes={k: axis(a) for k, a in self.node_axes.items() if k not in gone_nodes},
-            module_axes={m: {n: axis(a) for n, a in ax.items()} for m, ax in self.module_axes.items()
-                         if m not in gone_modules},
+            sections={k: s for k, s in self.sections.items() if k not in removed_sections},
+            node_axes={k: axis(a) for k, a in self.node_axes.items()},
+            module_axes={m: {n: axis(a) for n, a in ax.items()} for m, ax in self.module_axes.items()},
             param_axes={k: axis(a) for k, a in self.param_axes.items()},
-            sites={k: replace(s, axis=axis(s.axis)) for k, s in self.sites.items() if s.node not in gone_nodes},
+            sites={k: replace(s, axis=axis(s.axis)) for k, s in self.sites.items()},
             removed_units=self.removed_units | removed_units,
             removed_sections=self.removed_sections | removed_sections)
+
+    def forget(self, gone_nodes: set[str], gone_modules: set[str]) -> "Plan":
+        """The plan without the nodes and modules that are no longer in the graph."""
+        return replace(
+            self, groups={k: replace(g, producers=[p for p in g.producers if p not in gone_modules])
+                          for k, g in self.groups.items()},
+            sections={k: s for k, s in self.sections.items() if s.add not in gone_nodes},
+            node_axes={k: a for k, a in self.node_axes.items() if k not in gone_nodes},
+            module_axes={m: ax for m, ax in self.module_axes.items() if m not in gone_modules},
+            sites={k: s for k, s in self.sites.items() if s.node not in gone_nodes})

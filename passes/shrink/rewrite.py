@@ -119,7 +119,7 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
     _unshare_tensors(gm, gated)  # before anything writes into a tensor (folding the gates)
     stage[0] = "rewriting size arguments"
     _rewrite_calls(gm, plan, gone)
-    new_plan = plan.restrict(removed_units, removed_sections, set(), set())
+    new_plan = plan.restrict(removed_units, removed_sections)
     stage[0] = "slicing the gates" if keep_gates else "folding the gates into the weights"
     if keep_gates:
         _slice_gates(gm, plan, new_plan, removed_units, slices)
@@ -133,9 +133,8 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
     gm.recompile()
     alive = {n.name for n in gm.graph.nodes}
     modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    new_plan = plan.restrict(removed_units, removed_sections,
-                             {n for n in plan.node_axes if n not in alive},
-                             {m for m in plan.module_axes if m not in modules})
+    new_plan = new_plan.forget({n for n in plan.node_axes if n not in alive},
+                               {m for m in plan.module_axes if m not in modules})
     if not keep_gates:
         new_plan = replace(new_plan, sites={}, groups={}, sections={})
     else:
