@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import collections
 import copy
+import weakref
 
 import torch
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.memory_format)
 _EMPTY_MADE_NEW = (dict, collections.OrderedDict, set, list)
-_DEFAULT_COPY: dict[type, bool] = {}
+_DEFAULT_COPY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fx makes a class per GraphModule
 
 
 def copy_module(module: torch.nn.Module, memo: dict | None = None) -> torch.nn.Module:

@@ -92,3 +92,17 @@ def test_a_graph_module_keeps_its_graph_and_code():
     assert new.code == gm.code and new.shared is not gm.shared
     x = torch.randn(2, 4)
     assert torch.equal(new(x), gm(x))
+
+
+def test_copying_graph_modules_keeps_none_of_their_classes_alive():
+    import gc
+    import weakref
+
+    from vpsurgery.passes import copying
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+    cls = weakref.ref(type(gm))  # fx makes a class per GraphModule
+    copy_module(gm)
+    del gm
+    gc.collect()
+    assert cls() is None
+    assert len(copying._DEFAULT_COPY) < 100
