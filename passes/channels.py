@@ -180,11 +180,12 @@ class ChannelSpace:
         if not live.any():
             return
         rx, ry = rx[live], ry[live]
-        ends = np.sort(np.concatenate([rx, ry]))
-        if not (ends[1:] == ends[:-1]).any():  # no class in two pairs (a layer's fresh in-channels
+        ends = np.concatenate([rx, ry])
+        ordered = np.sort(ends)
+        if not (ordered[1:] == ordered[:-1]).any():  # no class in two pairs (a layer's fresh in-channels
             self._merge_disjoint(rx, ry)  # meeting its input's): the merges do not interact
             return
-        nodes, inv = np.unique(np.concatenate([rx, ry]), return_inverse=True)
+        nodes, inv = np.unique(ends, return_inverse=True)
         inv = inv.reshape(-1)
         weight = self._weight[nodes]  # a copy
         local = _merge_local(inv[:len(rx)], inv[len(rx):], weight, nodes)
@@ -253,6 +254,10 @@ def _first_of_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`_first_of_pair` of each (a[k], b[k]), computed as CPython lays out a set of two ints."""
     if not _SET_ORDER_MODELLED:
         return np.array([_first_of_pair(x, y) for x, y in zip(a.tolist(), b.tolist())], dtype=np.int64)
+    return _modelled_first(a, b)
+
+
+def _modelled_first(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(a & 7 < _slot_of_second(a, b), a, b)
 
 
@@ -277,7 +282,7 @@ def _set_order_modelled() -> bool:
     b = np.where(np.arange(4096) % 2 == 0, a + 8 * rng.integers(1, 2**20, 4096), rng.integers(0, 2**31 - 1, 4096))
     b = np.where(b == a, b + 1, b)
     want = [_first_of_pair(x, y) for x, y in zip(a.tolist(), b.tolist())]
-    return np.where(a & 7 < _slot_of_second(a, b), a, b).tolist() == want
+    return _modelled_first(a, b).tolist() == want
 
 
 def _merge_local(u: np.ndarray, v: np.ndarray, weight: np.ndarray, key: np.ndarray) -> np.ndarray:

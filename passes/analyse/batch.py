@@ -38,42 +38,35 @@ class _ShapesOf(fx.Interpreter):
 
 
 def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
-    """The shapes of `wanted` at `inputs`, on the meta device where a real run was slow (as in
-    propagate_cheaply)."""
+    """The shapes of `wanted` at `inputs` (see _cheaply)."""
     def run(values):
         interpreter = _ShapesOf(gm, wanted)
-        interpreter.run(*values)
+        was_training = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                interpreter.run(*values)
+        finally:
+            gm.train(was_training)
         return interpreter.shapes
 
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            if slow_to_run(gm):
-                try:
-                    with on_meta(gm):
-                        return run([t.to("meta") for t in inputs])
-                except Exception:
-                    pass
-            return run(inputs)
-    finally:
-        gm.train(was_training)
+    return _cheaply(gm, inputs, run)
 
 
 def propagate_cheaply(gm: fx.GraphModule, inputs, *, internal: bool = False) -> None:
-    """Shapes at `inputs`, on the meta device where a real run of the graph was slow (slow_to_run),
-    for real where that fails (an op without a meta kernel, a tensor made on the CPU inside forward,
-    a value read as a number). `internal`: as in propagate_shapes (a failure of the real run names
-    the node)."""
+    """Shapes at `inputs` recorded on the graph (see _cheaply). `internal`: as in propagate_shapes
+    (a failure of the real run names the node)."""
+    _cheaply(gm, inputs, lambda values: propagate_shapes(gm, values, internal=internal))
+
+
+def _cheaply(gm: fx.GraphModule, inputs, run):
+    """run(inputs) on the meta device where a real run of the graph was slow (slow_to_run), for
+    real otherwise and where meta fails (an op without a meta kernel, a tensor made on the CPU
+    inside forward, a value read as a number)."""
     if slow_to_run(gm):
         try:
-            _propagate_meta(gm, inputs)
-            return
+            with on_meta(gm):
+                return run([t.to("meta") for t in inputs])
         except Exception:
             pass
-    propagate_shapes(gm, inputs, internal=internal)
-
-
-def _propagate_meta(gm: fx.GraphModule, inputs) -> None:
-    with on_meta(gm):
-        propagate_shapes(gm, [t.to("meta") for t in inputs], internal=True)
+    return run(inputs)

@@ -170,12 +170,15 @@ class _ShapeProp(ShapeProp):
         self._started, self._done = time.perf_counter(), 0
         self._may_switch, self.switched, self.on_meta = switch, False, contextlib.ExitStack()
 
+    def slow(self) -> bool:
+        """Has the run so far taken over SLOW_NODE_S a node (or gone to meta for it)?"""
+        return self.switched or time.perf_counter() - self._started > SLOW_NODE_S * max(self._done, 1)
+
     def _maybe_switch(self) -> None:
-        spent = time.perf_counter() - self._started
-        if spent < SWITCH_AFTER_S:
+        if time.perf_counter() - self._started < SWITCH_AFTER_S:
             return
         self._may_switch = False
-        if spent / max(self._done, 1) > SLOW_NODE_S:
+        if self.slow():
             self.on_meta.enter_context(on_meta(self.module))
             self.switched = True
             self.env = {k: _to_meta(v) for k, v in self.env.items()}
@@ -248,11 +251,10 @@ SLOW_KEY = "vps_slow_to_run"  # gm.meta: a real run of this graph took over SLOW
 
 def _propagate(gm: fx.GraphModule, example_inputs) -> None:
     prop = _ShapeProp(gm, switch=True)
-    started = time.perf_counter()
     try:
         with prop.on_meta:
             prop.propagate(*example_inputs)
-        slow = prop.switched or time.perf_counter() - started > SLOW_NODE_S * len(gm.graph.nodes)
+        slow = prop.slow()
     except _MetaFailed:  # an op the meta device cannot run (a tensor made on the CPU inside forward)
         _ShapeProp(gm).propagate(*example_inputs)
         slow = False  # meta cannot run it: later runs must be real anyway
@@ -325,7 +327,7 @@ def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
     for n in gm.graph.nodes:  # the attributes they read, recorded as they are, read on meta
         if n.op == "get_attr" and any(u in todo for u in n.users):
             value = prop.run_node(n)
-            prop.env[n] = torch.empty_like(value, device="meta") if torch.is_tensor(value) else value
+            prop.env[n] = _to_meta(value)
     was_training = gm.training
     gm.eval()
     try:

@@ -612,7 +612,7 @@ def _check_shapes(gm, plan, removed):
     example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in plan.example]
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     try:
-        propagate_cheaply(gm, [e.to(device) for e in example], internal=True)  # on meta where the gated graph ran slowly
+        propagate_cheaply(gm, [e.to(device) for e in example], internal=True)  # on meta if gated ran slowly
     except NodeFailure as e:
         node = next(n for n in gm.graph.nodes if n.name == e.node)
         want = f"; the plan expects shape {expected[e.node]} there" if e.node in expected else ""
