@@ -352,3 +352,51 @@ def test_later_propagations_go_to_meta_only_where_the_first_real_one_was_slow(mo
         assert ran == (["meta", "meta"] if slow else ["cpu", "cpu"])
         assert trace_mod.slow_to_run(gm) is slow  # a meta run does not overwrite what the real one measured
         assert tuple(nodes[-1].meta["tensor_meta"].shape) == (2, 4, 12, 12)
+
+
+class _InplaceFunctional(torch.nn.Module):
+    """In-place ReLUs (made out of place by wrap) and a functional conv (lifted): two rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.w = torch.nn.Parameter(torch.randn(4, 8, 1, 1))
+        self.act = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(self.act(self.conv(x)), self.w).relu_().mean((2, 3))
+
+
+def test_wrap_generates_the_gated_code_once_and_it_is_current(monkeypatch):
+    import torch.fx as fx
+    calls = []
+    real = fx.GraphModule.recompile
+    monkeypatch.setattr(fx.GraphModule, "recompile", lambda self: (calls.append(self), real(self))[1])
+    x = torch.randn(2, 3, 8, 8)
+    model = _InplaceFunctional().eval()
+    gated = vpsurgery.wrap(model, (x,))
+    # the trace's GraphModule makes its code when built; the rewrites after it share one recompile
+    assert len(calls) == 2 and calls[-1] is gated
+    assert gated.code == fx.GraphModule(gated, gated.graph).code  # not stale
+    assert ".relu_(" not in gated.code and "self.conv2d(" in gated.code  # both rewrites are in the code
+    with torch.no_grad():
+        assert torch.allclose(gated(x), model(x))
+
+
+def test_one_recompile_defers_to_the_end_of_the_block_even_when_it_raises():
+    import torch.fx as fx
+    from vpsurgery.passes.codegen import one_recompile, recompile
+    gm = fx.symbolic_trace(torch.nn.ReLU())
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    with pytest.raises(RuntimeError):
+        with one_recompile():
+            node.target = torch.sigmoid
+            recompile(gm)
+            with one_recompile():  # nested: still the outer block's
+                recompile(gm)
+            assert "sigmoid" not in gm.code  # deferred
+            raise RuntimeError("a pass failed")
+    assert "sigmoid" in gm.code
+    node.target = torch.tanh
+    recompile(gm)  # outside a block: at once
+    assert "tanh" in gm.code

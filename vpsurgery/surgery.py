@@ -15,6 +15,7 @@ from vpsurgery.passes.capture.inplace import make_out_of_place
 from vpsurgery.passes.capture import capture as _capture
 from vpsurgery.passes.capture.trace import TraceError
 from vpsurgery.passes.capture.trace import _as_tuple, complete_shapes, default_example
+from vpsurgery.passes.codegen import one_recompile
 from vpsurgery.passes.gate.insert import GATES, insert_gates
 from vpsurgery.passes.gate.modules import ChannelMask, Gate
 from vpsurgery.passes.plan import Plan
@@ -61,18 +62,19 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
                        exclude=exclude)
         return gm, dataclasses.replace(plan, capture=path)
 
-    gm, plan = analysed(capture)
-    steered = bool(leaf_modules) or concrete_args is not None  # the user steers fx: stay with it
-    if capture == "auto" and plan.capture != "export" and not steered and _blind_spots(plan):
-        # fx kept a call it cannot see into (a function wrapped as a leaf, an op without a rule) that
-        # pins channels: torch.export records the ops inside it; keep whichever sees more
-        try:
-            other = analysed("export")
-        except TraceError:  # ExportError is one: export cannot take it either, fx's graph stands
-            other = None
-        if other is not None and other[1].prunable_share > plan.prunable_share:
-            gm, plan = other
-    insert_gates(gm, plan, theta_init)
+    with one_recompile():  # the passes rewrite the graph one after another: its code is made once
+        gm, plan = analysed(capture)
+        steered = bool(leaf_modules) or concrete_args is not None  # the user steers fx: stay with it
+        if capture == "auto" and plan.capture != "export" and not steered and _blind_spots(plan):
+            # fx kept a call it cannot see into (a function wrapped as a leaf, an op without a rule)
+            # that pins channels: torch.export records the ops inside it; keep whichever sees more
+            try:
+                other = analysed("export")
+            except TraceError:  # ExportError is one: export cannot take it either, fx's graph stands
+                other = None
+            if other is not None and other[1].prunable_share > plan.prunable_share:
+                gm, plan = other
+        insert_gates(gm, plan, theta_init)
     set_plan(gm, plan)
     return gm
 

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.trace import tensor_meta
+from ..codegen import recompile
 from ..rules import _same, facts, lookup
 from ..plan import Section, Unprunable
 from .cost import call_macs, graph_batch
@@ -159,5 +160,5 @@ def add_residuals(gm: fx.GraphModule) -> list[str]:
         add.meta["tensor_meta"] = end.meta["tensor_meta"]
         added.append(add.name)
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     return added

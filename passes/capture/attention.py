@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..codegen import recompile
 from ..ops import AttentionHeads
 
 
@@ -118,5 +119,5 @@ def split_attention(gm: fx.GraphModule) -> int:
         done += 1
     if done:
         gm.graph.lint()
-        gm.recompile()
+        recompile(gm)
     return done

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..codegen import recompile
 from ..copying import copy_module
 from .trace import TraceError
 
@@ -92,7 +93,7 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModul
     graph._tracer_cls, graph._tracer_extras = None, {}  # unpickling must not re-run export's tracer
     gm = fx.GraphModule(exported, graph, type(model).__name__)
     gm.graph.eliminate_dead_code(is_impure_node=_impure)
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

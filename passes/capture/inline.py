@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..codegen import recompile
 from ..rules import FUNCTION_RULES
 from .export import _impure, _quiet, _slices_as_getitem
 from .lift import LIFTS
@@ -66,7 +67,7 @@ def inline_opaque_calls(gm: fx.GraphModule, calls: list[fx.Node]) -> int:
         inlined += _splice(gm, node, body, [leaves[i] for i in slots])
     if inlined:
         gm.graph.lint()
-        gm.recompile()
+        recompile(gm)
     return inlined
 
 

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..codegen import recompile
 from ..rules import UNKNOWN, facts
 from .trace import is_tensor_meta, tensor_meta
 
@@ -209,7 +210,7 @@ def make_out_of_place(gm: fx.GraphModule) -> int:
         node.meta.pop("vps_out_of_place", None)
     if changed:
         graph.lint()
-        gm.recompile()
+        recompile(gm)
     return changed
 
 

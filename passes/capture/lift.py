@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..codegen import recompile
 from .trace import is_tensor_meta, tensor_meta
 
 aten = torch.ops.aten
@@ -301,7 +302,7 @@ def lift_layers(gm: fx.GraphModule) -> int:
     if lifted:
         _drop_unused_attributes(gm)
         gm.graph.lint()
-        gm.recompile()
+        recompile(gm)
     return lifted
 
 

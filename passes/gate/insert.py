@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..codegen import recompile
 from .modules import ChannelGate, ChannelMask, SectionGate, gate_norm
 
 from ..plan import Plan
@@ -79,5 +80,5 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphM
 
     gm.train(gm.training)  # the new gates and masks take the model's mode (an eval model stays deterministic)
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm
