@@ -52,8 +52,7 @@ def _rename_nodes(gm: fx.GraphModule, names: list[str]) -> None:
         env[node] = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
                                       fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
         env[node].meta = dict(node.meta)
-    gm.graph = graph
-    gm.recompile()
+    gm.graph = graph  # the setter regenerates the code
 
 
 def plan_of(gm: fx.GraphModule) -> Plan:

@@ -38,7 +38,9 @@ class FitConfig:
     theta_optimizer: str = setting("adam", "optimizer of theta: adam (scale-free steps, the default) or plain sgd; "
                                            "theta is projected onto [0, 1] after each step", choices=OPTIMIZERS)
     estimator: str = setting("straight_through", "theta's gradient estimator: straight_through (one pass) or "
-                                                 "disarm (unbiased, two passes; fit only)", choices=ESTIMATORS)
+                                                 "disarm (unbiased, two passes; fit only, with (inputs, targets) "
+                                                 "batches and a loss_fn taking reduction=; docs/budget.md)",
+                             choices=ESTIMATORS)
     price: float = setting(0.01, "regulariser price in nats of total training loss per kept parameter "
                                  "(per=params) or per kept MAC per example (per=flops); ignored when target "
                                  "is set (the price is then found during training)", low=0)

@@ -335,6 +335,8 @@ def _train_epoch(run: _Run, loader, dev, loss_fn, epoch: int, bar: bool) -> dict
     step_in_epoch = 0
     for batch in tqdm(loader, desc=f"epoch {epoch}", disable=not bar, leave=False):
         batch = to_device(batch, dev)
+        if step_in_epoch == 0:
+            check_estimator(run.pruner.config, batch, loss_fn)
         loss, reg, n, correct = (_disarm_step if disarm else _straight_through_step)(run, batch, loss_fn, dev)
         _check_finite(loss + reg, batch, epoch, step_in_epoch)
         run.pruner.clip_gradients()
@@ -357,6 +359,27 @@ def _train_epoch(run: _Run, loader, dev, loss_fn, epoch: int, bar: bool) -> dict
     return totals
 
 
+def check_estimator(config: FitConfig, batch, loss_fn: Callable) -> None:
+    """DisARM needs per-example losses: (inputs, targets) batches and loss_fn(..., reduction='none')."""
+    if config.estimator != "disarm":
+        return
+    if isinstance(batch, dict):
+        raise ValueError("estimator='disarm' needs (inputs, targets) batches, got a dict batch; use "
+                         "estimator='straight_through' (one pass) for dict batches")
+    if not _takes_reduction(loss_fn):
+        raise ValueError(f"estimator='disarm' needs per-example losses, but loss_fn {loss_fn!r} takes no "
+                         f"reduction= argument; give a loss_fn(outputs, targets, reduction='mean') such as "
+                         f"F.cross_entropy, or use estimator='straight_through'")
+
+
+def _takes_reduction(loss_fn: Callable) -> bool:
+    try:  # a loss module's __call__ takes **kwargs whatever its forward takes
+        params = inspect.signature(getattr(loss_fn, "forward", loss_fn)).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume nothing
+        return False
+    return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _straight_through_step(run: _Run, batch, loss_fn, dev):
     loss, n, correct = _forward_loss(run.model, batch, loss_fn, dev)
     reg = run.pruner.loss()
@@ -369,8 +392,6 @@ def _disarm_step(run: _Run, batch, loss_fn, dev):
     b2 = [1 - u < theta]; unbiased for d E[loss] / d theta on (0, 1). With per-example gates
     (the default wherever wrap found the batch dim) every example is its own antithetic pair, so
     one minibatch averages N estimates instead of one. Weight gradients average both passes."""
-    if isinstance(batch, dict):
-        raise ValueError("estimator='disarm' needs (inputs, targets) batches and a loss_fn taking reduction='none'")
     x, y = _pair(batch)
     gates = gates_of(run.pruner.model)
     thetas = {name: g.theta.detach() for name, g in gates.items()}
