@@ -335,8 +335,6 @@ def _train_epoch(run: _Run, loader, dev, loss_fn, epoch: int, bar: bool) -> dict
     step_in_epoch = 0
     for batch in tqdm(loader, desc=f"epoch {epoch}", disable=not bar, leave=False):
         batch = to_device(batch, dev)
-        if step_in_epoch == 0:
-            check_estimator(run.pruner.config, batch, loss_fn)
         loss, reg, n, correct = (_disarm_step if disarm else _straight_through_step)(run, batch, loss_fn, dev)
         _check_finite(loss + reg, batch, epoch, step_in_epoch)
         run.pruner.clip_gradients()
@@ -392,6 +390,7 @@ def _disarm_step(run: _Run, batch, loss_fn, dev):
     b2 = [1 - u < theta]; unbiased for d E[loss] / d theta on (0, 1). With per-example gates
     (the default wherever wrap found the batch dim) every example is its own antithetic pair, so
     one minibatch averages N estimates instead of one. Weight gradients average both passes."""
+    check_estimator(run.pruner.config, batch, loss_fn)
     x, y = _pair(batch)
     gates = gates_of(run.pruner.model)
     thetas = {name: g.theta.detach() for name, g in gates.items()}
