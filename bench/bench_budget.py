@@ -398,8 +398,8 @@ def cmd_report(a) -> None:
         by.setdefault((r["model"], r["method"], r["per"], r["budget"]), []).append(r)
     models = [m for m in MODELS if any(k[0] == m for k in by)]
     tp_methods = [m for m in METHODS if m.startswith("tp_")]
-    head = ["model", "per", "budget", "dense acc", "vpsurgery acc", "share kept", "vps DisARM acc", *[f"{m} acc" for m in tp_methods],
-            "TP share kept", "best TP", "vps − best TP", "seeds", "vps rev"]
+    head = ["model", "per", "budget", "dense acc", "vpsurgery acc", "share kept", "vps DisARM acc",
+            *[f"{m} acc" for m in tp_methods], "TP share kept", "best TP", "vps − best TP", "seeds", "vps rev"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     wins = total = 0
     for model in models:
@@ -443,8 +443,9 @@ def cmd_report(a) -> None:
             f"its cost is the largest at or under the budget (the *TP share kept* column), last Linear ignored; "
             f"methods as in the script's docstring. Accuracy: mean ± standard deviation over the seeds (val set: "
             f"one image = 0.28 points). *vps − best TP*: vpsurgery's mean minus the best TP method's mean at that "
-            f"budget. vpsurgery beats the best TP method on **{wins} of {total}** budget rows (straight-through, fit's default; *vps DisARM acc*: the same runs with "
-            f"estimator='disarm', not counted, seeds as available). vpsurgery rows: "
+            f"budget. vpsurgery beats the best TP method on **{wins} of {total}** budget rows (straight-through, "
+            f"fit's default; *vps DisARM acc*: the same runs with estimator='disarm', not counted, seeds as "
+            f"available). vpsurgery rows: "
             f"method revision {', '.join(str(v) for v in sorted({revision(r) for r in rows if r['method'] == 'vpsurgery'}))} "
             f"(VPS_REVISION in the script says what each changed; *vps rev*: the revision of each row's runs).\n\n"
             + "\n".join(lines) + f"\n\n{claims}\n\n![budget vs TP](docs/plots/{PLOT.name})\n")
