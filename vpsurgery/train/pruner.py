@@ -56,6 +56,10 @@ PRICE_RATE = 0.05  # largest change of log(price) in one step
 INITIAL_LOAD = 0.1  # initial price: the cost term is this many nats per example at theta = 1
 THETA_TRAVEL = 2.0  # Adam on theta: the annealed step sizes of the stochastic phase sum to at least this
 THETA_LR_CAP = 0.02  # ... but theta's step never exceeds this (larger steps made small nets collapse)
+# DisARM's gradient is unbiased and far smaller than straight-through's, which with the steps above
+# left theta near 1 until the rounding (docs/budget.md); it gets a longer travel and a larger cap.
+DISARM_THETA_TRAVEL = 6.0
+DISARM_THETA_LR_CAP = 0.1
 THETA_WARMUP = 0.2  # theta stays at 1 for at least this share of the stochastic phase, so the weights learn first,
 WARMUP_LOSS = 0.5  # ... and, when step() is given the loss, until its running mean is this share of its start,
 WARMUP_MAX = 0.5  # ... but at most this share of the stochastic phase
@@ -226,6 +230,8 @@ class Pruner:
             return config.theta_lr
         steps = self.stochastic_steps or self.total_steps
         travel = sum(self.anneal(t) for t in range(self.warmup_steps, steps))  # Adam's reach at theta_lr = 1
+        if config.estimator == "disarm":  # (fit resolves "auto"; in your own loop it is straight-through)
+            return max(config.theta_lr, min(DISARM_THETA_TRAVEL / travel, DISARM_THETA_LR_CAP))
         return max(config.theta_lr, min(THETA_TRAVEL / travel, THETA_LR_CAP))
 
     @property
