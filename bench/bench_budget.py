@@ -300,20 +300,20 @@ def revision(row: dict) -> int:
     return row.get("vps_revision", 1) if row["method"].startswith("vpsurgery") else 0
 
 
-def done_keys() -> set:
-    """The runs on record, vpsurgery's only where they ran with the current VPS_REVISION."""
+def recorded_rows() -> list[dict]:
     if not RESULTS.exists():
-        return set()
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def done_keys(rows: list[dict]) -> set:
+    """The runs on record, vpsurgery's only where they ran with the current VPS_REVISION."""
     return {tuple(r[k] for k in ("model", "method", "per", "budget", "seed", "epochs")) for r in rows
             if not r["method"].startswith("vpsurgery") or revision(r) == VPS_REVISION.get(r["method"])}
 
 
-def recorded_dense_seconds(model: str, seed: int, epochs: int) -> float | None:
+def dense_seconds(rows: list[dict], model: str, seed: int, epochs: int) -> float | None:
     """The training time of the dense run on record (the reference of training time / dense)."""
-    if not RESULTS.exists():
-        return None
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     times = [r["train_s"] for r in rows if (r["model"], r["method"], r["seed"], r["epochs"]) == (model, "dense", seed, epochs)]
     return times[-1] if times else None
 
@@ -333,7 +333,8 @@ def cmd_run(a) -> None:
     torch.set_num_threads(1)
     train, val = dataset(a.model)
     x = train.tensors[0][:2]
-    done = done_keys()
+    on_record = recorded_rows()
+    done = done_keys(on_record)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in build(a.model, 0).modules())
     methods = [m for m in a.methods if m != "tp_bnscale" or has_bn]
     E, pre, pre_it = a.epochs, a.epochs // 2, max(1, round(0.3 * a.epochs))
@@ -349,7 +350,7 @@ def cmd_run(a) -> None:
         tl, vl = loaders(train, val, seed)
         needs_dense = ("dense" in methods and (a.model, "dense", "-", 1.0, seed, E) not in done) or any(
             m.startswith("tp_") for m, _, _ in todo)  # TP starts from its snapshots; vpsurgery needs none
-        t_dense, snaps = recorded_dense_seconds(a.model, seed, E), {}
+        t_dense, snaps = dense_seconds(on_record, a.model, seed, E), {}
         if needs_dense:
             tr, t_dense, snaps = run_dense(copy.deepcopy(dense_model), tl, vl, E, snapshots=(pre, pre_it))
         base = dict(model=a.model, seed=seed, epochs=E, dense_params=dense_cost["params"],
@@ -400,8 +401,7 @@ def _mean_spread(values, fmt="{:.1f}") -> str:
 
 
 def cmd_report(a) -> None:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["epochs"] == a.epochs]
+    rows = [r for r in recorded_rows() if r["epochs"] == a.epochs]
     unique = {}  # the newest vpsurgery revision counts; of equal ones (two processes), the first on record
     for r in rows:
         key = tuple(r[k] for k in ("model", "method", "per", "budget", "seed"))

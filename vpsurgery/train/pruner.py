@@ -230,9 +230,9 @@ class Pruner:
             return config.theta_lr
         steps = self.stochastic_steps or self.total_steps
         travel = sum(self.anneal(t) for t in range(self.warmup_steps, steps))  # Adam's reach at theta_lr = 1
-        if config.estimator == "disarm":  # (fit resolves "auto"; in your own loop it is straight-through)
-            return max(config.theta_lr, min(DISARM_THETA_TRAVEL / travel, DISARM_THETA_LR_CAP))
-        return max(config.theta_lr, min(THETA_TRAVEL / travel, THETA_LR_CAP))
+        reach, cap = ((DISARM_THETA_TRAVEL, DISARM_THETA_LR_CAP) if config.estimator == "disarm"
+                      else (THETA_TRAVEL, THETA_LR_CAP))
+        return max(config.theta_lr, min(reach / travel, cap))
 
     @property
     def prunes_sections(self) -> bool:
