@@ -297,7 +297,7 @@ def run_vpsurgery(model, x, tl, vl, epochs, budget, per, seed, estimator="straig
 
 # ---------------------------------------------------------------------------------- run
 def revision(row: dict) -> int:
-    return row.get("vps_revision", 1) if row["method"].startswith("vpsurgery") else 0
+    return row.get("vps_revision", 1) if row["method"] in VPS_REVISION else 0
 
 
 def recorded_rows() -> list[dict]:
@@ -309,7 +309,7 @@ def recorded_rows() -> list[dict]:
 def done_keys(rows: list[dict]) -> set:
     """The runs on record, vpsurgery's only where they ran with the current VPS_REVISION."""
     return {tuple(r[k] for k in ("model", "method", "per", "budget", "seed", "epochs")) for r in rows
-            if not r["method"].startswith("vpsurgery") or revision(r) == VPS_REVISION.get(r["method"])}
+            if revision(r) == VPS_REVISION.get(r["method"], 0)}
 
 
 def dense_seconds(rows: list[dict], model: str, seed: int, epochs: int) -> float | None:
@@ -368,7 +368,7 @@ def cmd_run(a) -> None:
                     if method == "dense" or (a.model, method, per, budget, seed, E) in done:
                         continue
                     tl, vl = loaders(train, val, seed)
-                    if method.startswith("vpsurgery"):
+                    if method in VPS_REVISION:
                         estimator = "disarm" if method == "vpsurgery_disarm" else "straight_through"
                         final, secs, extra = run_vpsurgery(build(a.model, seed), x, tl, vl, E, budget, per, seed,
                                                            estimator)
@@ -380,7 +380,7 @@ def cmd_run(a) -> None:
                         final, secs, extra = run_tp_oneshot(kind, start, x, ratio, tl, vl, E, pre)
                     final = final.eval()
                     p, fl = n_params(final), count_flops(final, x)
-                    if method.startswith("vpsurgery"):
+                    if method in VPS_REVISION:
                         extra = {**extra, "vps_revision": VPS_REVISION[method]}
                     record({**base, "method": method, "per": per, "budget": budget,
                             "val_acc": evaluate(final, vl, torch.device("cpu")),
