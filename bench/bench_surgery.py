@@ -64,19 +64,21 @@ def check_run(model: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-def vps_once(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict:
+def vps_once(model: nn.Module, x: torch.Tensor, seed: int = 0, *, inplace: bool = True) -> dict:
+    """wrap + shrink, timed. inplace=True: both give up their input (as Torch-Pruning prunes the
+    model it is given); False: vpsurgery's default, which copies the model and the gated model."""
     import vpsurgery
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    gm = vpsurgery.wrap(m, (x,))
+    gm = vpsurgery.wrap(m, (x,), inplace=inplace)
     t1 = time.perf_counter()
     off, total = common.zero_channel_units(vpsurgery.gates(gm), RATIO, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = gm.eval()(x)  # before an in-place shrink consumes the gated model
     t2 = time.perf_counter()
-    small = vpsurgery.shrink(gm)
+    small = vpsurgery.shrink(gm, inplace=inplace)
     t3 = time.perf_counter()
     small.eval()
-    with torch.no_grad():
-        ref = gm.eval()(x)
     err = check_run(small, x)
     exact = None
     if err is None:
@@ -134,7 +136,8 @@ def median_of(runs: list[dict], key: str) -> float:
 def bench(name: str, repeats: int) -> dict:
     model, x = build(name)
     row: dict = {"model": name, "params0": common.n_params(model), "input": "x".join(map(str, x.shape))}
-    for tool, fn in (("vps", lambda: vps_once(model, x)), ("tp", lambda: tp_once(model, x))):
+    for tool, fn in (("vps", lambda: vps_once(model, x)), ("vps_copy", lambda: vps_once(model, x, inplace=False)),
+                     ("tp", lambda: tp_once(model, x))):
         runs = []
         try:
             for _ in range(repeats):
@@ -157,8 +160,9 @@ def _t(s: float) -> str:
 def table(rows: list[dict]) -> str:
     esc = common.md_escape
     out = ["| model | params | vpsurgery wrap | shrink | **wrap+shrink** | ran / params kept | "
-           "TP DG build | TP step | **TP total** | ran / params kept | **vps / TP** |",
-           "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+           "TP DG build | TP step | **TP total** | ran / params kept | **vps / TP** | vps copying (default) | "
+           "copying / TP |",
+           "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         p0 = r["params0"]
         cells = [f"`{r['model']}`", common.human(p0)]
@@ -177,6 +181,9 @@ def table(rows: list[dict]) -> str:
         else:
             cells += ["-", "-", "**failed**", f"**{esc(r.get('tp_err', '?'))}**"]
         cells.append(f"{v['total'] / t['total']:.2f}×" if v and t else "-")
+        c = r.get("vps_copy")
+        cells.append(_t(c["total"]) if c else esc(r.get("vps_copy_err", "-")))
+        cells.append(f"{c['total'] / t['total']:.2f}×" if c and t else "-")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -184,6 +191,7 @@ def table(rows: list[dict]) -> str:
 def section(rows: list[dict], meta: dict) -> str:
     from importlib.metadata import version
     ratios = [r["vps"]["total"] / r["tp"]["total"] for r in rows if r.get("vps") and r.get("tp")]
+    copy_ratios = [r["vps_copy"]["total"] / r["tp"]["total"] for r in rows if r.get("vps_copy") and r.get("tp")]
     tp_fail = [r for r in rows if "tp_err" in r or (r.get("tp") and r["tp"]["run_err"])]
     vps_fail = [r for r in rows if "vps_err" in r or (r.get("vps") and r["vps"]["run_err"])]
     lines = [
@@ -192,20 +200,27 @@ def section(rows: list[dict], meta: dict) -> str:
         "",
         f"Same seeded model (`weights=None, num_classes=10`, eval) and input ({rows[0]['input'] if rows else '-'}) "
         f"for both tools; median of {meta['repeats']} runs, each from a fresh deep copy. "
-        "vpsurgery: `wrap` (trace, channel/section analysis, gate insertion) + `shrink` after a hard "
+        "vpsurgery: `wrap(model, inplace=True)` (trace, channel/section analysis, gate insertion) + "
+        "`shrink(gated, inplace=True)` after a hard "
         f"assignment zeroing ⌈{RATIO:.0%}⌉ of every channel group's units (sections kept, so both prune channels only). "
         "Torch-Pruning: `MagnitudePruner(model, x, MagnitudeImportance(p=2), pruning_ratio="
         f"{RATIO}, ignored_layers=[classifier])` (the constructor builds the DependencyGraph) + one `step()`. "
         "*ran* = the pruned model runs and returns finite (2, 10) logits; for vpsurgery *err* is "
         "max|shrunk − gated| / max|gated|. Params kept differ because the two tools count what "
-        "a 30% ratio applies to differently (TP also leaves some layers unpruned, vpsurgery prunes every gated group).",
+        "a 30% ratio applies to differently (TP also leaves some layers unpruned, vpsurgery prunes every gated group). "
+        "In place, as Torch-Pruning works: both tools give up the model they are given. *vps copying* is "
+        "vpsurgery's default (`inplace=False`: wrap copies the model, shrink the gated model), timed in the same run.",
         "",
         table(rows),
         "",
     ]
     if ratios:
         lines.append(f"Median vps/TP time ratio: **{statistics.median(ratios):.2f}×** "
-                     f"(range {min(ratios):.2f}–{max(ratios):.2f}×; < 1 means vpsurgery is faster).")
+                     f"(range {min(ratios):.2f}–{max(ratios):.2f}×; < 1 means vpsurgery is faster); "
+                     f"{sum(q < 1 for q in ratios)} of {len(ratios)} models faster than Torch-Pruning.")
+    if copy_ratios:
+        lines.append(f"With vpsurgery's copying default: median **{statistics.median(copy_ratios):.2f}×** "
+                     f"(range {min(copy_ratios):.2f}–{max(copy_ratios):.2f}×).")
     if tp_fail:
         lines.append("")
         lines.append("Torch-Pruning failures (recorded as raised / as the pruned model behaved):")

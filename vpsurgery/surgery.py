@@ -25,7 +25,7 @@ from vpsurgery.passes.shrink import shrink as _shrink
 
 def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, sections: bool = True,
          add_residuals: bool = False, theta_init: float = 1.0, leaf_modules=(),
-         concrete_args=None, exclude=(), capture: str = "auto") -> fx.GraphModule:
+         concrete_args=None, exclude=(), capture: str = "auto", inplace: bool = False) -> fx.GraphModule:
     """Trace `model` (a copy; the model is not modified), find its prunable channel groups and
     residual sections, and return a GraphModule with one Bernoulli gate per group/section.
 
@@ -43,12 +43,18 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
     with each function call fx keeps whole captured alone by torch.export and spliced in ('fx+export');
     the whole model exported where fx fails, or where an op fx cannot see into still pins channels
     and export's graph lets more of them go). `vpsurgery.plan(gated).capture` says which was used.
+
+    `inplace=True`: give the model up instead of copying it (as torch.ao's prepare(inplace=True) and
+    Torch-Pruning do): the gated graph is built over the model's own submodules and tensors, which
+    saves the copy's time and memory (a model's size again, for a large one); use the gated model,
+    not the model, afterwards. The export path copies all the same.
     """
     _refuse_wrapped(model)
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
 
     def analysed(how):
-        gm, path = _capture(model, example_inputs, how=how, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm, path = _capture(model, example_inputs, how=how, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                            inplace=inplace)
         # out-of-place ops, so that the gated and the shrunk graphs train whatever is removed; shapes
         # do not change, so only nodes it added without them need another run
         if make_out_of_place(gm):
@@ -100,12 +106,16 @@ def gates(gated: fx.GraphModule) -> dict[str, Gate]:
     return dict(container.items()) if container is not None else {}
 
 
-def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False) -> fx.GraphModule:
+def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = False,
+           inplace: bool = False) -> fx.GraphModule:
     """A new, smaller GraphModule without the structures whose theta < threshold (a number in
     (0, 1]); the surviving theta are folded into the weights (or, with keep_gates=True, kept as
     gates for more training). The gated model is not modified. A failure inside (a channel rule
-    that is wrong for some op) is a ShrinkError naming the node."""
-    return _shrink(gated, threshold, keep_gates=keep_gates)
+    that is wrong for some op) is a ShrinkError naming the node.
+
+    `inplace=True`: shrink `gated` itself, without copying it first, and return it; after a
+    failure it is left half-shrunk."""
+    return _shrink(gated, threshold, keep_gates=keep_gates, inplace=inplace)
 
 
 def kept_map(small: fx.GraphModule) -> dict:

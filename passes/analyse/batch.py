@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..capture.trace import on_meta, propagate_shapes, slow_to_run
+from ..capture.trace import evaluating, on_meta, propagate_shapes, slow_to_run
 
 
 def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> bool:
@@ -41,13 +41,8 @@ def _shapes_cheaply(gm: fx.GraphModule, inputs, wanted: set[fx.Node]) -> dict:
     """The shapes of `wanted` at `inputs` (see _cheaply)."""
     def run(values):
         interpreter = _ShapesOf(gm, wanted)
-        was_training = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                interpreter.run(*values)
-        finally:
-            gm.train(was_training)
+        with evaluating(gm), torch.no_grad():
+            interpreter.run(*values)
         return interpreter.shapes
 
     return _cheaply(gm, inputs, run)

@@ -16,11 +16,12 @@ CAPTURE_PATHS = ("auto", "fx", "export")
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto", leaf_modules=(),
-            concrete_args=None) -> tuple[fx.GraphModule, str]:
+            concrete_args=None, inplace: bool = False) -> tuple[fx.GraphModule, str]:
     """(graph, path): `how` 'fx' traces, 'export' exports, 'auto' traces and falls back to export when
     fx cannot trace; where fx traced but kept a function call whole, 'auto' captures that call alone
     with torch.export and splices its ops in (path 'fx+export'). The graph is a copy in the model's
-    mode; the model is not modified."""
+    mode; the model is not modified. inplace=True: the fx path builds the graph over the model's own
+    submodules and tensors (the caller gives the model up); export copies all the same."""
     if how not in CAPTURE_PATHS:
         raise ValueError(f"capture={how!r}: choose one of {', '.join(map(repr, CAPTURE_PATHS))}")
     if not isinstance(model, torch.nn.Module):
@@ -30,7 +31,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
     gm = None
     if how in ("auto", "fx"):
         try:
-            gm, path = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args), "fx"
+            gm, path = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                             inplace=inplace), "fx"
         except TraceError as e:
             if how == "fx":
                 raise
@@ -47,11 +49,15 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
                 f"control flow on tensor values (torch.where, torch.cond), or (fx path) either {fx_fix}") from None
         propagate_shapes(gm, example_inputs)
         gm.train(model.training)
+    captured = set(gm.modules())  # the modules themselves: an id may be reused once a rewrite drops one
     if how == "auto" and path == "fx" and not leaf_modules and concrete_args is None and _inline(gm, example_inputs):
         path = "fx+export"
     # a lifted layer keeps the meta of the call it replaces; split attention adds nodes without
     if lift_layers(gm) + split_attention(gm):
         complete_shapes(gm, example_inputs)
+    for m in gm.modules():  # a module the rewrites made takes the model's mode; the others keep theirs
+        if m not in captured:
+            m.training = gm.training
     return gm, path
 
 

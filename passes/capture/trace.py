@@ -104,8 +104,10 @@ def default_example(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     return (torch.randn(1, 3, 224, 224),)
 
 
-def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concrete_args=None) -> fx.GraphModule:
-    """A copy of `model` as a GraphModule whose nodes carry `meta['tensor_meta']`.
+def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concrete_args=None,
+          inplace: bool = False) -> fx.GraphModule:
+    """A copy of `model` as a GraphModule whose nodes carry `meta['tensor_meta']` (inplace=True: a
+    GraphModule over the model's own submodules and tensors, no time or memory spent copying them).
 
     The model is traced in eval mode: code that branches on `self.training` (auxiliary heads of
     GoogLeNet/Inception) keeps its inference path. The copy is returned in the model's mode.
@@ -113,13 +115,13 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
-    was_training = model.training
-    model = copy_module(model).eval()
+    model = model if inplace else copy_module(model)
     tracer = SurgeryTracer(leaf_modules)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:  # the inference fast path of nn.Transformer* layers branches on tensor properties
         torch.backends.mha.set_fastpath_enabled(False)
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with evaluating(model):
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # fx raises many types; all mean the same thing to a user
         where = tracer.failed_in or (tracer.scope_path[-1] if tracer.scope_path else type(model).__name__)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -131,8 +133,12 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    own = set(model.modules())
+    for m in gm.modules():  # the containers GraphModule made take the model's mode; its modules keep theirs
+        if m not in own:
+            m.training = model.training
     propagate_shapes(gm, example_inputs)
-    return gm.train(was_training)
+    return gm
 
 
 class NodeFailure(RuntimeError):
@@ -215,6 +221,20 @@ class _ShapeProp(ShapeProp):
         return result
 
 
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """`module` in eval mode inside the block; after it, each submodule back in the mode it had (a
+    BatchNorm frozen in a training model stays frozen). Nothing is switched where nothing trains."""
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = False) -> None:
     """Run `gm` on the example inputs, recording every node's shape in `meta['tensor_meta']`.
 
@@ -228,10 +248,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
             f"the model's forward takes {len(required)} input(s) ({', '.join(n.name for n in required)}) "
             f"but {len(example_inputs)} example input(s) were given; pass example_inputs=(x,) with one "
             f"tensor per input")
-    was_training = gm.training
-    gm.eval()
     try:
-        with torch.no_grad():
+        with evaluating(gm), torch.no_grad():
             _propagate(gm, example_inputs)
     except NodeFailure as e:
         if internal:
@@ -242,8 +260,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
             f"the example input ({shapes}) does not fit the model: {e.first} (at node '{e.node}'). Pass "
             f"example_inputs with the shape and dtype the model expects, e.g. "
             f"example_inputs=(torch.randn(1, 3, 224, 224),)") from None
-    finally:
-        gm.train(was_training)
 
 
 SLOW_KEY = "vps_slow_to_run"  # gm.meta: a real run of this graph took over SLOW_NODE_S a node
@@ -328,10 +344,8 @@ def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
         if n.op == "get_attr" and any(u in todo for u in n.users):
             value = prop.run_node(n)
             prop.env[n] = _to_meta(value)
-    was_training = gm.training
-    gm.eval()
     try:
-        with on_meta(gm), torch.no_grad():
+        with evaluating(gm), on_meta(gm), torch.no_grad():
             for n in missing:
                 prop.env[n] = prop.run_node(n)
     except Exception:
@@ -339,8 +353,6 @@ def _shapes_on_meta(gm: fx.GraphModule, missing: list[fx.Node]) -> None:
             n.meta.pop("tensor_meta", None)
             n.meta.pop("type", None)
         raise
-    finally:
-        gm.train(was_training)
 
 
 def _as_tuple(x):

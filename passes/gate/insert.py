@@ -78,7 +78,8 @@ def insert_gates(gm: fx.GraphModule, plan: Plan, init: float = 1.0) -> fx.GraphM
             gated = gm.graph.call_function(operator.mul, (add.args[section.branch_arg], z[name]))
         add.update_arg(section.branch_arg, gated)
 
-    gm.train(gm.training)  # the new gates and masks take the model's mode (an eval model stays deterministic)
+    for container in (getattr(gm, GATES), getattr(gm, MASKS)):  # the new modules take the model's mode (an
+        container.train(gm.training)  # eval model stays deterministic); the others keep theirs
     gm.graph.lint()
     recompile(gm)
     return gm
