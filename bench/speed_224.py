@@ -3,10 +3,12 @@
     python bench/speed_224.py                        # all models, writes docs/speed.md
     python bench/speed_224.py --models swin_t resnet50 --no-write
 
-Each model runs in its own process (memory comes back, a hang is cut off at --timeout): seeded
-model (weights=None, num_classes=10, eval), input batch 2 x 3 x 224 x 224, `wrap(model, (x,))`, a
-hard assignment zeroing ceil(30%) of the units of every channel group (as bench_surgery.py does),
-then `shrink`. Times are wall clock, one run each (the first, as a user meets it: nothing warmed up).
+Each model runs twice, each time in its own process (memory comes back, a hang is cut off at
+--timeout): seeded model (weights=None, num_classes=10, eval), input batch 2 x 3 x 224 x 224,
+`wrap(model, (x,))`, a hard assignment zeroing ceil(30%) of the units of every channel group (as
+bench_surgery.py does), then `shrink`; once as vpsurgery's default (wrap copies the model, shrink
+the gated model) and once with inplace=True for both. Times are wall clock, one run each (the
+first, as a user meets it: nothing warmed up).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ RATIO = 0.3
 GOAL_S = 10.0
 
 
-def one(name: str) -> dict:
+def one(name: str, inplace: bool = False) -> dict:
     """Time wrap and shrink of one model, in this process."""
     import torchvision
 
@@ -38,25 +40,28 @@ def one(name: str) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    params = common.n_params(model)
+    before = storages(model)
     t0 = time.perf_counter()
-    gm = vpsurgery.wrap(model, (x,))
+    gm = vpsurgery.wrap(model, (x,), inplace=inplace)
     t1 = time.perf_counter()
     common.zero_channel_units(vpsurgery.gates(gm), RATIO, torch.Generator().manual_seed(0))
+    gated = {} if inplace else storages(gm)  # before an in-place shrink turns gm into the small model
     t2 = time.perf_counter()
-    small = vpsurgery.shrink(gm)
+    small = vpsurgery.shrink(gm, inplace=inplace)
     t3 = time.perf_counter()
-    written = tensor_bytes(gm) + tensor_bytes(small)
-    return {"model": name, "params": common.n_params(model), "params_kept": common.n_params(small),
+    made = {**gated, **storages(small)}
+    written = sum(n for ptr, n in made.items() if ptr not in before)
+    return {"model": name, "params": params, "params_kept": common.n_params(small),
             "wrap": t1 - t0, "shrink": t3 - t2, "total": (t1 - t0) + (t3 - t2),
             "written_bytes": written, "fill": fill_time(written)}
 
 
-def tensor_bytes(module) -> int:
-    """Bytes of the distinct tensors a module holds: what wrap (the gated copy) or shrink (the sliced
-    weights) had to write into new memory."""
-    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+def storages(module) -> dict[int, int]:
+    """The distinct storages of a module's tensors (address -> bytes): those of the gated copy and of
+    the shrunk model that the model did not hold are what wrap and shrink wrote into new memory."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in itertools.chain(module.parameters(), module.buffers())}
-    return sum(seen.values())
 
 
 def fill_time(nbytes: int) -> float:
@@ -71,9 +76,9 @@ def fill_time(nbytes: int) -> float:
     return dt
 
 
-def run_isolated(name: str, timeout: int, threads: int) -> dict:
+def run_isolated(name: str, timeout: int, threads: int, inplace: bool = False) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--one", name, "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--one", name, "--threads", str(threads)] + (["--inplace"] if inplace else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -85,23 +90,39 @@ def run_isolated(name: str, timeout: int, threads: int) -> dict:
     return {"model": name, "error": tail[:200]}
 
 
+def _cells(r: dict | None) -> list[str]:
+    if r is None:
+        return ["-"] * 6
+    if "error" in r:
+        return ["-", "-", f"**failed**: {common.md_escape(r['error'])}", "", "", ""]
+    return [f"{r['wrap']:.2f}", f"{r['shrink']:.2f}", f"**{r['total']:.2f}**", f"{r['written_bytes'] / 2**30:.2f} GiB",
+            f"{r['fill']:.2f}", f"{r['total'] / max(r['fill'], 1e-9):.1f}×"]
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| model | params | wrap s | shrink s | **total s** | new tensors | writing them fresh s | total ÷ that |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: -r.get("total", float("inf"))):
-        if "error" in r:
-            out.append(f"| `{r['model']}` | - | - | - | **failed**: {common.md_escape(r['error'])} | | | |")
-            continue
-        out.append(f"| `{r['model']}` | {common.human(r['params'])} | {r['wrap']:.2f} | {r['shrink']:.2f} | "
-                   f"**{r['total']:.2f}** | {r['written_bytes'] / 2**30:.2f} GiB | {r['fill']:.2f} | "
-                   f"{r['total'] / max(r['fill'], 1e-9):.1f}× |")
+    """One line per model: the copying default, then in place (rows carry both as 'copy', 'inplace')."""
+    head = ["wrap s", "shrink s", "total s", "new tensors", "writing them fresh s", "total ÷ that"]
+    out = ["| model | params | " + " | ".join(f"{h} (copying)" for h in head) + " | "
+           + " | ".join(f"{h} (in place)" for h in head) + " |",
+           "|---|---:|" + "---:|" * 12]
+    for r in sorted(rows, key=lambda r: -r["copy"].get("total", float("inf"))):
+        params = next((x["params"] for x in (r["copy"], r.get("inplace")) if x and "params" in x), None)
+        out.append(f"| `{r['model']}` | {common.human(params) if params else '-'} | "
+                   + " | ".join(_cells(r["copy"]) + _cells(r.get("inplace"))) + " |")
     return "\n".join(out)
 
 
-def report(rows: list[dict], meta: dict) -> str:
-    ok = [r for r in rows if "error" not in r]
+def _summary(rows: list[dict], key: str, what: str) -> str:
+    runs = [r[key] for r in rows if r.get(key)]
+    ok = [r for r in runs if "error" not in r]
     over = [r["model"] for r in ok if r["total"] >= GOAL_S]
     slowest = max(ok, key=lambda r: r["total"]) if ok else None
+    return (f"{what}: {len(ok)} of {len(runs)} models ran; {len(ok) - len(over)} took under {GOAL_S:.0f} s."
+            + (f" Slowest: `{slowest['model']}` ({slowest['total']:.1f} s)." if slowest else "")
+            + (f" At or over {GOAL_S:.0f} s: {', '.join(f'`{m}`' for m in over)}." if over else ""))
+
+
+def report(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Surgery speed at 224 px",
         "",
@@ -109,14 +130,18 @@ def report(rows: list[dict], meta: dict) -> str:
         "",
         f"`vpsurgery.wrap` + `shrink` on every torchvision classification model (`weights=None, "
         f"num_classes=10`, eval), input 2 x 3 x {SIZE} x {SIZE}, after zeroing ceil({RATIO:.0%}) of the units "
-        "of every channel group. One run per model, each in a fresh process (nothing warmed up), slowest first. "
+        "of every channel group. Two runs per model, each in a fresh process (nothing warmed up), slowest "
+        "first: vpsurgery's default (*copying*: wrap copies the model, shrink the gated model) and "
+        "`inplace=True` for both (*in place*: the model, then the gated model, given up, as Torch-Pruning "
+        "prunes the model it is given). "
         "Wrap runs the model on the example input once (the trace's shape propagation: for real until it "
         "has taken 0.5 s at over 2 ms a node, then on the meta device, shapes without arithmetic) and once "
         "more at a second batch size to find the batch dim (on the meta device where the first run was "
         "slow); nodes that capture's rewrites add get their shapes on the meta device. Shrink runs the "
         "shrunk graph once more, the same way (it checks its shapes). "
-        "Wrap must also copy every weight (the gated model is a copy; the user's model is not touched) and "
-        "shrink writes the sliced weights: *new tensors* is those bytes, and *writing them fresh* is the "
+        "By default wrap also copies every weight (the gated model is a copy; the user's model is not "
+        "touched); shrink writes the sliced weights (one gather per weight, no intermediate copies): "
+        "*new tensors* is those bytes, and *writing them fresh* is the "
         "baseline, measured in the same process right after: the time to fill that many bytes of new memory "
         "(`torch.empty(n, dtype=uint8).fill_(1)`). On this VM new memory is backed by the host on first "
         "touch, at a rate that varies from run to run, so for the largest models that write, not the "
@@ -124,9 +149,9 @@ def report(rows: list[dict], meta: dict) -> str:
         "",
         table(rows),
         "",
-        f"{len(ok)} of {len(rows)} models ran; {len(ok) - len(over)} took under {GOAL_S:.0f} s."
-        + (f" Slowest: `{slowest['model']}` ({slowest['total']:.1f} s)." if slowest else "")
-        + (f" At or over {GOAL_S:.0f} s: {', '.join(f'`{m}`' for m in over)}." if over else ""),
+        _summary(rows, "copy", "Copying (the default)"),
+        "",
+        _summary(rows, "inplace", "In place"),
     ]
     return "\n".join(lines) + "\n"
 
@@ -140,19 +165,24 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--note", default="")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--inplace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.inplace)))
         return 0
     names = args.models or common.torchvision_models()
     rows = []
     for name in names:
-        r = run_isolated(name, args.timeout, args.threads)
+        r = {"model": name}
+        for key, inplace in (("copy", False), ("inplace", True)):
+            r[key] = run_isolated(name, args.timeout, args.threads, inplace)
+            x = r[key]
+            print(f"{name:24s} {key:8s} " + (x["error"] if "error" in x else
+                                             f"wrap {x['wrap']:.2f}s shrink {x['shrink']:.2f}s total {x['total']:.2f}s"),
+                  flush=True)
         rows.append(r)
-        print(f"{name:24s} " + (r["error"] if "error" in r else
-                                f"wrap {r['wrap']:.2f}s shrink {r['shrink']:.2f}s total {r['total']:.2f}s"), flush=True)
         done = "" if len(rows) == len(names) else f" Partial: {len(rows)} of {len(names)} models so far."
         text = report(rows, {"date": common.today(), "machine": common.machine(), "note": args.note + done})
         if not args.no_write:  # after every model, so that a cut-off sweep still leaves its table

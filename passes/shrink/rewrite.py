@@ -1,10 +1,11 @@
 """Shrink: remove the structures whose gate is below the threshold, for real.
 
-Works on a copy of the gated GraphModule: removed sections turn their add into the linear path and
-their layers are dead-code-eliminated; every module, parameter and size argument that carries a
-channel axis is sliced to the kept units (the rule table says how); surviving gate values are
-folded into the consuming weights (or, with keep_gates, the gates are kept, sliced, for more
-training). The result is re-shape-propagated and every node checked against the plan.
+Works on a copy of the gated GraphModule (or, in place, on it): removed sections turn their add
+into the linear path and their layers are dead-code-eliminated; every module, parameter and size
+argument that carries a channel axis is sliced to the kept units (the rule table says how);
+surviving gate values are folded into the consuming weights (or, with keep_gates, the gates are
+kept, sliced, for more training). The result is re-shape-propagated and every node checked
+against the plan.
 """
 from __future__ import annotations
 
@@ -253,8 +254,9 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
 
 # ---------------------------------------------------------------------------------- slicing
 def _slice_modules(gm, plan, removed, slices, stage):
-    """Slice, in place, the modules of `gm` (its own: _copy_sharing_tensors copied them) whose
-    channels go; their tensors are replaced, never written into (gated still holds them)."""
+    """Slice, in place, the modules of `gm` whose channels go (gm's own: a copy that still shares
+    gated's tensors, or gated itself when shrinking in place); their tensors are replaced, never
+    written into (a copying shrink's gated model still holds them)."""
     done = set()
     shared: dict[int, tuple] = {}  # a parameter tied between modules is sliced once, and stays tied
     modules = dict(gm.named_modules(remove_duplicate=False))
