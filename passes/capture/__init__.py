@@ -10,7 +10,7 @@ from .attention import split_attention
 from .export import ExportError, _batched, export_graph, user_frame
 from .inline import inline_opaque_calls, opaque_calls
 from .lift import lift_layers
-from .trace import NodeFailure, TraceError, _as_tuple, complete_shapes, propagate_shapes, trace
+from .trace import NodeFailure, TraceError, _as_tuple, adopt_mode, complete_shapes, propagate_shapes, trace
 
 CAPTURE_PATHS = ("auto", "fx", "export")
 
@@ -49,15 +49,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, how: str = "auto",
                 f"control flow on tensor values (torch.where, torch.cond), or (fx path) either {fx_fix}") from None
         propagate_shapes(gm, example_inputs)
         gm.train(model.training)
-    captured = set(gm.modules())  # the modules themselves: an id may be reused once a rewrite drops one
+    captured = set(gm.modules())
     if how == "auto" and path == "fx" and not leaf_modules and concrete_args is None and _inline(gm, example_inputs):
         path = "fx+export"
     # a lifted layer keeps the meta of the call it replaces; split attention adds nodes without
     if lift_layers(gm) + split_attention(gm):
         complete_shapes(gm, example_inputs)
-    for m in gm.modules():  # a module the rewrites made takes the model's mode; the others keep theirs
-        if m not in captured:
-            m.training = gm.training
+    adopt_mode(gm, captured, gm.training)  # the modules the rewrites made
     return gm, path
 
 

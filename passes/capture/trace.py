@@ -133,10 +133,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    own = set(model.modules())
-    for m in gm.modules():  # the containers GraphModule made take the model's mode; its modules keep theirs
-        if m not in own:
-            m.training = model.training
+    adopt_mode(gm, set(model.modules()), model.training)  # the containers GraphModule made
     propagate_shapes(gm, example_inputs)
     return gm
 
@@ -219,6 +216,15 @@ class _ShapeProp(ShapeProp):
             n.meta["tensor_meta"] = meta
         n.meta["type"] = type(result)
         return result
+
+
+def adopt_mode(gm: fx.GraphModule, known: set, training: bool) -> None:
+    """Modules of `gm` not in `known` (made by a pass, in nn.Module's default training mode) take
+    the model's mode; the others keep their own. `known` holds the modules themselves, not ids: an
+    id may be reused once a rewrite drops a module."""
+    for m in gm.modules():
+        if m not in known:
+            m.training = training
 
 
 @contextlib.contextmanager

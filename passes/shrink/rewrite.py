@@ -78,7 +78,7 @@ def shrink_to(gated: fx.GraphModule, decision: Decision, *, keep_gates: bool = F
     """Remove exactly what `decision` says. The gated model is not modified, unless `inplace`: then
     it is the model shrunk (no copy made first)."""
     plan = plan_of(gated)
-    stage = ["copying the gated model"]
+    stage = ["starting on the gated model" if inplace else "copying the gated model"]
     try:
         slices: dict[str, dict[int, torch.Tensor]] = {}  # filled by the slicing steps
         gm = _shrink(gated, plan, keep_gates, set(decision.units), set(decision.sections), slices, stage,
@@ -316,8 +316,8 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
 def gather(t: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
     """A new tensor: `t` at the kept positions (index tensors by dim). Slicing one dim after another
     writes every intermediate result too; where the sliced dims lead (a weight's out and in
-    channels) one indexing gathers straight into the result, which for a large model halves the
-    memory shrink writes."""
+    channels) one indexing gathers straight into the result (vit_h_14: its slicing went from 5.3 to
+    2.3 s on a VM where fresh memory is slow to write)."""
     kept = {d: k for d, k in kept.items() if len(k) < t.shape[d]}  # a dim kept whole is not copied
     dims = sorted(kept)
     if len(dims) > 1 and dims == list(range(len(dims))):
