@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,27 +42,33 @@ def one(name: str, inplace: bool = False) -> dict:
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     params = common.n_params(model)
-    before = storages(model)
+    # the model's tensors, held weakly: one that shrink frees must not keep the memory alive, and a
+    # new tensor at a freed one's address is not mistaken for it
+    old = {id(t): weakref.ref(t) for t in itertools.chain(model.parameters(), model.buffers())}
     t0 = time.perf_counter()
     gm = vpsurgery.wrap(model, (x,), inplace=inplace)
     t1 = time.perf_counter()
     common.zero_channel_units(vpsurgery.gates(gm), RATIO, torch.Generator().manual_seed(0))
-    gated = {} if inplace else storages(gm)  # before an in-place shrink turns gm into the small model
+    gated = {} if inplace else storages(gm, old)  # before an in-place shrink turns gm into the small model
     t2 = time.perf_counter()
     small = vpsurgery.shrink(gm, inplace=inplace)
     t3 = time.perf_counter()
-    made = {**gated, **storages(small)}
-    written = sum(n for ptr, n in made.items() if ptr not in before)
+    written = sum({**gated, **storages(small, old)}.values())
     return {"model": name, "params": params, "params_kept": common.n_params(small),
             "wrap": t1 - t0, "shrink": t3 - t2, "total": (t1 - t0) + (t3 - t2),
             "written_bytes": written, "fill": fill_time(written)}
 
 
-def storages(module) -> dict[int, int]:
-    """The distinct storages of a module's tensors (address -> bytes): those of the gated copy and of
-    the shrunk model that the model did not hold are what wrap and shrink wrote into new memory."""
+def storages(module, old) -> dict[int, int]:
+    """The distinct storages (address -> bytes) of a module's tensors that are not in `old` (the
+    model's, id -> weak reference): for the gated copy and the shrunk model, what wrap and shrink
+    wrote into new memory."""
+    def is_old(t):
+        ref = old.get(id(t))
+        return ref is not None and ref() is t
+
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in itertools.chain(module.parameters(), module.buffers())}
+            for t in itertools.chain(module.parameters(), module.buffers()) if not is_old(t)}
 
 
 def fill_time(nbytes: int) -> float:
