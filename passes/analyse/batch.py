@@ -9,17 +9,29 @@ from ..capture.trace import evaluating, on_meta, propagate_shapes, slow_to_run
 
 
 def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> bool:
-    """True when dim 0 of every node in `acted_on` is the batch (it grows with the input's)."""
+    """True when dim 0 of every node in `acted_on` is the batch (it grows with the input's).
+
+    Shapes at a second batch size show it: one example where the input has several (the cheapest
+    run), confirmed at one more than the input's batch where that says no (a graph that squeezes
+    a batch of one)."""
     if not acted_on or not all(torch.is_tensor(t) and t.ndim > 0 for t in example_inputs):
         return True
+    batch = example_inputs[0].shape[0]
+    sizes = [1, batch + 1] if batch > 1 else [batch + 1]
+    return any(_follows(gm, acted_on, example_inputs, size) for size in sizes)
+
+
+def _follows(gm, acted_on, example_inputs, size: int) -> bool:
+    """Do the nodes' shapes at input batch `size` differ from the recorded ones in dim 0 only, by
+    the input's change of batch?"""
+    batch = example_inputs[0].shape[0]
     before = {n: tuple(n.meta["tensor_meta"].shape) for n in acted_on}
-    bigger = [torch.cat([t, t[:1]]) for t in example_inputs]
+    other = [t[:size] if size <= t.shape[0] else torch.cat([t, t[:size - t.shape[0]]]) for t in example_inputs]
     try:
-        after = _shapes_cheaply(gm, bigger, set(acted_on))
+        after = _shapes_cheaply(gm, other, set(acted_on))
     except Exception:
         return False  # the batch size is baked in somewhere: one sample per minibatch is safe
-    batch = example_inputs[0].shape[0]
-    return all(before[n][0] == batch and after[n] is not None and after[n][0] == batch + 1
+    return all(before[n][0] == batch and after[n] is not None and after[n][0] == size
                and before[n][1:] == after[n][1:] for n in acted_on)
 
 
