@@ -503,6 +503,12 @@ _register(METHOD_RULES, _CAST_METHODS, Rule(analyse=_same, linear=True, alias=Tr
 METHOD_RULES["clone"] = Rule(analyse=_same, linear=True)
 
 
+def _owned(ids: np.ndarray) -> np.ndarray:
+    """A C-ordered copy of an id array that keeps its dims (np.ascontiguousarray makes a 0-dim
+    array, the ids of a scalar tensor, 1-dim)."""
+    return np.array(ids, order="C")
+
+
 def _elementwise(ctx):
     """Broadcasting binary op: positions that meet are one channel. An operand broadcast along a
     dim where another operand's channels vary (a per-sample scalar, an (N,1,H,W) map) is not
@@ -533,7 +539,7 @@ def _elementwise(ctx):
     for other in arrays[1:]:
         ctx.space.union(arrays[0], other)
     prefer = next((d for _, d in coupled if d is not None), None)
-    return ctx.normalize(np.ascontiguousarray(arrays[0]), prefer)
+    return ctx.normalize(_owned(arrays[0]), prefer)
 
 
 _BINARY_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
@@ -797,7 +803,7 @@ def _stack(ctx):
     for other in arrays[1:]:  # a stack then a sum (split attention) must take the same channels
         ctx.space.union(arrays[0], other)
     prefer = next((ctx.layout_of(t).dim for t in tensors if ctx.layout_of(t).dim is not None), None)
-    return ctx.normalize(np.ascontiguousarray(arrays[0]), None if prefer is None else prefer + (prefer >= dim))
+    return ctx.normalize(_owned(arrays[0]), None if prefer is None else prefer + (prefer >= dim))
 
 
 _register(FUNCTION_RULES, (torch.stack,), Rule(analyse=_stack))
@@ -988,7 +994,7 @@ def _matmul(ctx):
     batch_a, batch_b = A[..., :1, :1], B[..., :1, :1]
     ctx.space.union(*np.broadcast_arrays(batch_a, batch_b))
     out = A[..., :, :1] if _varies(A, nd - 2) else B[..., :1, :] if _varies(B, nd - 1) else batch_a
-    return ctx.normalize(np.ascontiguousarray(np.broadcast_to(
+    return ctx.normalize(_owned(np.broadcast_to(
         out, np.broadcast_shapes(batch_a.shape[:-2] + out.shape[-2:], batch_b.shape[:-2] + out.shape[-2:]))), None)
 
 
@@ -1014,7 +1020,7 @@ def _sdpa(ctx):
     for other in arrays[1:]:
         ctx.space.union(arrays[0], other)
     out = np.broadcast_to(V[..., :1, :], arrays[0].shape[:-1] + V.shape[-1:])
-    return ctx.normalize(np.ascontiguousarray(out), None)
+    return ctx.normalize(_owned(out), None)
 
 
 _register(FUNCTION_RULES, (F.scaled_dot_product_attention,), Rule(analyse=_sdpa, nonlinear=True))
@@ -1051,7 +1057,7 @@ def _einsum(ctx):
     ids = arrays[0]
     for _ in range(len(letters) - len(out)):  # the contracted letters: no channels there
         ids = ids.take(0, axis=-1)
-    return ctx.normalize(np.ascontiguousarray(ids), None)
+    return ctx.normalize(_owned(ids), None)
 
 
 _register(FUNCTION_RULES, (torch.einsum, torch.functional.einsum), Rule(analyse=_einsum))
@@ -1096,7 +1102,7 @@ def _reshape_as(ctx):
         return lay
     a, b = np.broadcast_arrays(lay.ids, other.ids.reshape((1,) * (lay.ids.ndim - other.ids.ndim) + other.ids.shape))
     ctx.space.union(a, b)
-    return ctx.normalize(np.ascontiguousarray(a), other.dim if other.dim is not None else lay.dim)
+    return ctx.normalize(_owned(a), other.dim if other.dim is not None else lay.dim)
 
 
 _register(METHOD_RULES, ("reshape_as", "view_as"), Rule(analyse=_reshape_as, linear=True, alias=True))

@@ -914,3 +914,24 @@ def test_register_rule_refuses_what_it_cannot_register():
         vpsurgery.register_rule(int, vpsurgery.rules.elementwise())
     with pytest.raises(TypeError):
         vpsurgery.register_rule(3, vpsurgery.rules.elementwise())
+
+
+# ------------------------------------------------------------------------------------------ scalars
+class _ScalarTerms(nn.Module):
+    """Ops on 0-dim tensors: a Python number times a mean, a dot product of two channel vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        v = y.mean((0, 2, 3))
+        return self.c(torch.relu(self.b(y)) + 0.5 * y.mean() + torch.matmul(v, v))
+
+
+def test_scalar_tensors_keep_zero_dims_and_stay_exact():
+    x = torch.randn(2, 3, 10, 10)
+    gm = wrap(_ScalarTerms(), x)
+    assert group_of(gm, "b") is not None  # the scalars broadcast over b's channels
+    check_invariant(gm, x)
