@@ -366,6 +366,29 @@ MODULE_RULES[nn.Linear] = Rule(
     resize=_linear_resize, fold_input=_fold_weight_dim(1), linear=True, layer=1)
 
 
+def _embedding_analyse(ctx):
+    """A lookup of weight rows: the output's last dim holds the weight's columns (its channels), the
+    other dims are the indices' positions. With max_norm each looked-up row is rescaled by its norm
+    over all of its columns (and the weight renormalised in place), so no column can go alone."""
+    m = ctx.module
+    if m.max_norm is not None:
+        raise Unsupported(f"{type(m).__name__} with max_norm renormalises each row over all of its channels")
+    for value in ctx.tensor_args():  # indices (and EmbeddingBag's offsets, weights): values, not channels
+        lay = ctx.layout_of(value)
+        if isinstance(lay, Layout):
+            ctx.pin(lay, "indices of an embedding")
+    nd = len(ctx.out_shape)
+    return channel_layout(ctx.axis("out", m.embedding_dim, producer=True), nd, nd - 1)
+
+
+def _embedding_resize(m, sizes):
+    m.embedding_dim = sizes["out"]
+
+
+_register(MODULE_RULES, (nn.Embedding, nn.EmbeddingBag), Rule(
+    analyse=_embedding_analyse, params=lambda m: {"weight": {1: "out"}}, resize=_embedding_resize))
+
+
 # --------------------------------------------------------------------------- normalisation
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
 

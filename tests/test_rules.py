@@ -935,3 +935,59 @@ def test_scalar_tensors_keep_zero_dims_and_stay_exact():
     gm = wrap(_ScalarTerms(), x)
     assert group_of(gm, "b") is not None  # the scalars broadcast over b's channels
     check_invariant(gm, x)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+class _Embedded(nn.Module):
+    """Token and bag embeddings (modules, and a functional lookup of the model's own table) into
+    a Linear; optionally an output layer tied to the token table (a language model's head). (The
+    ATen op of an EmbeddingBag returns four tensors and has no rule: `bag=False` for export.)"""
+
+    def __init__(self, tied=False, max_norm=None, bag=True):
+        super().__init__()
+        self.tok = nn.Embedding(30, 16, padding_idx=0, max_norm=max_norm)
+        self.bag = nn.EmbeddingBag(30, 16, mode="mean") if bag else None
+        self.pos = nn.Parameter(torch.randn(12, 16))
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 30, bias=False) if tied else nn.Linear(16, 5)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, t):
+        pos = F.embedding(torch.arange(t.shape[1]), self.pos)
+        y = self.tok(t) + pos
+        if self.bag is not None:
+            y = y + self.bag(t).unsqueeze(1)
+        return self.head(torch.relu(self.mix(y)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_columns_are_channels_and_shrink_exactly(tied, capture):
+    torch.manual_seed(0)
+    model = _Embedded(tied=tied, bag=capture == "fx").eval()
+    t = torch.randint(0, 30, (3, 12))
+    gm = vpsurgery.wrap(model, (t,), capture=capture)
+    assert vpsurgery.plan(gm).capture == capture
+    with torch.no_grad():
+        assert rel_err(gm(t), model(t)) == 0
+    lookups = [name for name, m in gm.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    stream = group_of(gm, lookups[0])  # (export names the tied table after the head)
+    assert len(lookups) == (3 if capture == "fx" else 2)  # functional lookups became nn.Embedding
+    assert stream is not None and set(lookups) <= set(stream.producers)  # a unit per column of each
+    for seed in range(3):
+        random_hard_gates(gm, p=0.4, seed=seed)
+        with torch.no_grad():
+            shrunk = assert_invariant(gm, t, smaller=True)
+        tables = {name: shrunk.get_submodule(name).weight for name in lookups}
+        assert {w.shape[1] for w in tables.values()} == {shrunk.get_submodule("mix").in_features} != {16}
+        if tied:  # still one Parameter, its rows (the vocabulary) all there
+            heads = [m for m in shrunk.modules() if isinstance(m, nn.Linear) and m.out_features == 30]
+            assert len(heads) == 1 and any(heads[0].weight is w for w in tables.values())
+
+
+def test_embedding_with_max_norm_keeps_its_columns():
+    gm = vpsurgery.wrap(_Embedded(max_norm=1.0).eval(), (torch.randint(0, 30, (2, 12)),))
+    assert group_of(gm, "tok") is None and group_of(gm, "bag") is None  # one stream with tok's columns
+    assert any("max_norm" in u.reason and "tok" in u.where for u in vpsurgery.plan(gm).unprunable)
+    assert "max_norm" in vpsurgery.report(gm)

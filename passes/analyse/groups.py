@@ -213,8 +213,10 @@ def _pin_channel_counts(w: ChannelWalker) -> None:
 def _couple_tied_parameters(w: ChannelWalker) -> None:
     """A Parameter shared by several modules (`self.b.weight = self.a.weight`) is sliced once, so the
     channels along each of its dims are one unit in every module that holds it. Where that cannot be
-    said (a holder without a channel rule, one that reads it as a graph attribute, dims that only one
-    holder maps to channels) its holders' channels are pinned, and the tie is reported."""
+    said (a holder without a channel rule, one that reads it as a graph attribute) its holders'
+    channels are pinned, and the tie is reported; along a dim that only some holders slice (an
+    embedding's rows are a tied output layer's out channels) those channels are pinned, and the
+    other dims are one unit still."""
     called = {n.target for n in w.gm.graph.nodes if n.op == "call_module"}
     uses: dict[int, list[tuple[str | None, str]]] = defaultdict(list)  # id -> (module, pname) | (None, attr)
     for mname, m in w.gm.named_modules(remove_duplicate=False):
@@ -243,8 +245,6 @@ def _couple_tied_parameters(w: ChannelWalker) -> None:
                 dims = {}
             mapped.append((m, dims))
         all_dims = {d for _, dims in mapped for d in dims}
-        if any(set(dims) != all_dims for _, dims in mapped):
-            pin = True
         if pin:
             names = sorted({m if m is not None else p for m, p in used})
             reason = (f"parameter tied between {', '.join(names)} (weight sharing) that cannot all be "
@@ -261,7 +261,15 @@ def _couple_tied_parameters(w: ChannelWalker) -> None:
                                        or (n.op == "get_attr" and n.target in names))
             continue
         for d in sorted(all_dims):
-            ids = [w.module_ids[(m, dims[d])] for m, dims in mapped if (m, dims[d]) in w.module_ids]
+            ids = [w.module_ids[(m, dims[d])] for m, dims in mapped if d in dims and (m, dims[d]) in w.module_ids]
+            if any(d not in dims for _, dims in mapped):  # a holder that sees no channels along d
+                reason = (f"parameter tied between {', '.join(sorted(m for m, _ in mapped))} (weight sharing), "
+                          f"whose dim {d} only some of them slice")  # (an embedding's rows, a head's outputs)
+                for one in ids:
+                    w.space.pin(one, reason)
+                w.pin_sites[reason].update(n.name for n in w.gm.graph.nodes
+                                           if n.op == "call_module" and n.target in {m for m, _ in mapped})
+                continue
             for other in ids[1:]:
                 if len(other) == len(ids[0]):
                     w.space.union(ids[0], other)

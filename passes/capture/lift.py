@@ -120,6 +120,19 @@ def _instance_norm(a, shape):
     return cls(shape[1], eps=a["eps"], momentum=a["momentum"], affine=affine) if cls is not None else None
 
 
+def _embedding(a, shape):
+    w = a["weight"]
+    if w.ndim != 2:
+        return None
+    return nn.Embedding(w.shape[0], w.shape[1], padding_idx=a["padding_idx"], max_norm=a["max_norm"],
+                        norm_type=a["norm_type"], scale_grad_by_freq=a["scale_grad_by_freq"], sparse=a["sparse"])
+
+
+def _aten_embedding(a, shape):  # aten's padding_idx -1 is "none" (F.embedding has made a negative one positive)
+    return _embedding({**a, "padding_idx": None if a["padding_idx"] == -1 else a["padding_idx"],
+                       "max_norm": None, "norm_type": 2.0}, shape)
+
+
 def _prelu(a, shape):
     return nn.PReLU(a["weight"].numel())
 
@@ -142,6 +155,11 @@ _GN = Lift(("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "b
            ("weight", "bias"), _group_norm)
 _GN_ATEN = Lift(_GN.names + ("cudnn_enabled",), {**_GN.defaults, "cudnn_enabled": True}, _GN.tensors, _group_norm)
 _PRELU = Lift(("input", "weight"), {}, ("weight",), _prelu)
+_EMB_F = Lift(("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+              {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False},
+              ("weight",), _embedding)
+_EMB_ATEN = Lift(("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse"),  # indices second
+                 {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False}, ("weight",), _aten_embedding)
 _IN_F = Lift(("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
              {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
               "momentum": 0.1, "eps": 1e-5}, ("running_mean", "running_var", "weight", "bias"), _instance_norm)
@@ -170,6 +188,7 @@ LIFTS: dict[Callable, Lift] = {
     F.rms_norm: _RMS, aten.rms_norm.default: _RMS,
     F.group_norm: _GN, aten.group_norm.default: _GN_ATEN,
     F.prelu: _PRELU, aten.prelu.default: _PRELU,
+    F.embedding: _EMB_F, aten.embedding.default: _EMB_ATEN,
     F.instance_norm: _IN_F, aten.instance_norm.default: _IN_ATEN,
     F.dropout: _dropout_lift(nn.Dropout), aten.dropout.default: _dropout_lift(nn.Dropout, "train", False),
     aten.dropout_.default: _dropout_lift(nn.Dropout, "train", True),

@@ -293,7 +293,8 @@ def slice_module(module: nn.Module, rule, keep: dict[str, torch.Tensor], shared:
         t = getattr(module, pname, None)
         if t is None:
             continue
-        kept = tuple((d, tuple(keep[axis].tolist())) for d, axis in sorted(dims.items()))
+        kept = tuple((d, tuple(keep[axis].tolist())) for d, axis in sorted(dims.items())
+                     if len(keep[axis]) < t.shape[d])  # what is cut (a tied holder may not map every dim)
         if id(t) in shared:
             old, was_kept, sliced = shared[id(t)]
             if was_kept != kept:
