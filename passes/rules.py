@@ -1174,6 +1174,41 @@ def _gather_rows(ctx, table=None, index=None, dim=0):
     return ctx.normalize(ids.reshape(shape), None)
 
 
+# --------------------------------------------------------------------------- pixel shuffle
+def _shuffle_factor(ctx) -> int:
+    m = ctx.module
+    r = (getattr(m, "upscale_factor", None) or getattr(m, "downscale_factor", None) if m is not None
+         else ctx.arg(1, "upscale_factor", ctx.node.kwargs.get("downscale_factor")))
+    if not isinstance(r, int):
+        raise Unsupported("a pixel shuffle whose factor is computed at run time")
+    return r
+
+
+def _pixel_shuffle(ctx):
+    """(*, C*r*r, H, W) -> (*, C, H*r, W*r): the r*r input channels of output channel c become its
+    pixels, so they go together: one unit, and output channel c is that unit."""
+    x = ctx.arg(0, "input")
+    r, cdim = _shuffle_factor(ctx), len(ctx.shape_of(x)) - 3
+    blocks = along(ctx, x, cdim).reshape(-1, r * r)
+    ctx.space.union_rows(blocks)
+    return channel_layout(blocks[:, 0].copy(), len(ctx.out_shape), cdim)
+
+
+def _pixel_unshuffle(ctx):
+    """(*, C, H*r, W*r) -> (*, C*r*r, H, W): input channel c becomes output channels c*r*r ..
+    c*r*r + r*r - 1, all of its unit."""
+    x = ctx.arg(0, "input")
+    r, cdim = _shuffle_factor(ctx), len(ctx.shape_of(x)) - 3
+    return channel_layout(np.repeat(along(ctx, x, cdim), r * r), len(ctx.out_shape), cdim)
+
+
+_PIXEL_SHUFFLE, _PIXEL_UNSHUFFLE = Rule(analyse=_pixel_shuffle, linear=True), Rule(analyse=_pixel_unshuffle, linear=True)
+_register(MODULE_RULES, (nn.PixelShuffle,), _PIXEL_SHUFFLE)
+_register(MODULE_RULES, (nn.PixelUnshuffle,), _PIXEL_UNSHUFFLE)
+_register(FUNCTION_RULES, (F.pixel_shuffle, torch.pixel_shuffle, aten.pixel_shuffle.default), _PIXEL_SHUFFLE)
+_register(FUNCTION_RULES, (F.pixel_unshuffle, torch.pixel_unshuffle, aten.pixel_unshuffle.default), _PIXEL_UNSHUFFLE)
+
+
 # --------------------------------------------------------------------------- ATen overloads
 # A torch.export graph (passes/capture/export.py) calls ATen overloads. Their layers are lifted into
 # modules (passes/capture/lift.py) and slices become getitem; every other op below takes its

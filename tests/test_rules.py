@@ -991,3 +991,38 @@ def test_embedding_with_max_norm_keeps_its_columns():
     assert group_of(gm, "tok") is None and group_of(gm, "bag") is None  # one stream with tok's columns
     assert any("max_norm" in u.reason and "tok" in u.where for u in vpsurgery.plan(gm).unprunable)
     assert "max_norm" in vpsurgery.report(gm)
+
+
+# ------------------------------------------------------------------------------------------ pixel shuffle
+class _SubPixel(nn.Module):
+    """Space to depth (PixelUnshuffle) into a conv, and a super-resolution tail (conv ->
+    PixelShuffle -> conv), as modules or as functions."""
+
+    def __init__(self, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.Conv2d(8 * 4, 6 * 4, 3, padding=1)
+        self.out = nn.Conv2d(6, 3, 3, padding=1)
+        self.shuffle, self.unshuffle = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = F.pixel_unshuffle(y, 2) if self.functional else self.unshuffle(y)
+        y = torch.relu(self.up(y))
+        return self.out(F.pixel_shuffle(y, 2) if self.functional else self.shuffle(y))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_pixel_shuffle_moves_whole_channel_blocks_and_shrinks_exactly(functional):
+    x = torch.randn(2, 3, 8, 8)
+    gm = wrap(_SubPixel(functional), x)
+    up, stem = group_of(gm, "up"), group_of(gm, "stem")
+    assert len(up.units) == 6  # 24 channels of `up`, in blocks of 4 (one output channel each)
+    assert len(stem.units) == 8  # each of stem's channels is 4 of up's input channels
+    check_invariant(gm, x)
+    random_hard_gates(gm, p=0.5, seed=0)
+    small = vpsurgery.shrink(gm)
+    k, s = small.get_submodule("out").in_channels, small.get_submodule("stem").out_channels
+    assert small.get_submodule("up").out_channels == 4 * k and k < 6
+    assert small.get_submodule("up").in_channels == 4 * s and s < 8
