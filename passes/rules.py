@@ -1174,6 +1174,64 @@ def _gather_rows(ctx, table=None, index=None, dim=0):
     return ctx.normalize(ids.reshape(shape), None)
 
 
+# --------------------------------------------------------------------------- recurrent layers
+def _background_like(ctx, meta, reason):
+    """New, pinned channels in the structure of a (nested) result: a tensor, or tuples of them."""
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):  # before tuples: TensorMetadata is one
+        return ctx.space.background(len(meta.shape), reason)
+    if isinstance(meta, (tuple, list)):
+        return tuple(_background_like(ctx, m, reason) for m in meta)
+    return None
+
+
+def _rnn_analyse(ctx):
+    """nn.RNN/LSTM/GRU read their input's features through the first layer's input weights (both
+    directions): those are its in channels. Its hidden units feed back into themselves, where a gate
+    on the output would not reach, so its outputs (and initial states) are channels that stay."""
+    m, x = ctx.module, ctx.arg(0, "input")
+    if not ctx.is_tensor(x):
+        raise Unsupported(f"{type(m).__name__} on a PackedSequence")
+    cdim = len(ctx.shape_of(x)) - 1
+    ctx.space.union(along(ctx, x, cdim), ctx.axis("in", m.input_size))
+    ctx.consume(0, cdim)
+    for value in _flatten_nodes((ctx.node.args[1:], ctx.node.kwargs)):
+        lay = ctx.layout_of(value)
+        for one in (lay if isinstance(lay, tuple) else (lay,)):
+            if isinstance(one, Layout):
+                ctx.pin(one, "initial state of a recurrent layer")
+    return _background_like(ctx, ctx.node.meta.get("tensor_meta"), "output of a recurrent layer")
+
+
+def _flatten_nodes(value):
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [n for v in value for n in _flatten_nodes(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _flatten_nodes(v)]
+    return []
+
+
+def _rnn_input_weights(m) -> list[str]:
+    return ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if m.bidirectional else [])
+
+
+def _rnn_fold_input(m, scale):
+    with torch.no_grad():
+        for name in _rnn_input_weights(m):
+            w = getattr(m, name)
+            w.mul_(scale.to(w.dtype).view(1, -1))
+
+
+def _rnn_resize(m, sizes):
+    m.input_size = sizes["in"]
+
+
+_register(MODULE_RULES, (nn.RNN, nn.LSTM, nn.GRU), Rule(
+    analyse=_rnn_analyse, params=lambda m: {name: {1: "in"} for name in _rnn_input_weights(m)},
+    resize=_rnn_resize, fold_input=_rnn_fold_input, nonlinear=True, layer=1))
+
+
 # --------------------------------------------------------------------------- pixel shuffle
 def _shuffle_factor(ctx) -> int:
     m = ctx.module

@@ -1026,3 +1026,47 @@ def test_pixel_shuffle_moves_whole_channel_blocks_and_shrinks_exactly(functional
     k, s = small.get_submodule("out").in_channels, small.get_submodule("stem").out_channels
     assert small.get_submodule("up").out_channels == 4 * k and k < 6
     assert small.get_submodule("up").in_channels == 4 * s and s < 8
+
+
+# ------------------------------------------------------------------------------------------ recurrent layers
+class _ConvRecurrent(nn.Module):
+    """A CRNN (text recognition): conv features read along the width by a recurrent layer, given an
+    initial state or not, batch first or not."""
+
+    def __init__(self, kind, batch_first, with_state):
+        super().__init__()
+        self.kind, self.batch_first, self.with_state = kind, batch_first, with_state
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.rnn = getattr(nn, kind)(12, 8, num_layers=2, batch_first=batch_first, bidirectional=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean(2)  # (N, C, W)
+        f = f.permute(0, 2, 1) if self.batch_first else f.permute(2, 0, 1)
+        state = None
+        if self.with_state:
+            h = torch.zeros(4, x.shape[0], 8)
+            state = (h, h) if self.kind == "LSTM" else h
+        out = self.rnn(f, state)[0]
+        return self.fc(out)
+
+
+@pytest.mark.parametrize("kind, batch_first, with_state", [
+    ("LSTM", True, False), ("GRU", False, True), ("RNN", True, True), ("LSTM", False, True)])
+@torch.no_grad()
+def test_recurrent_layers_read_channels_that_shrink_exactly(kind, batch_first, with_state):
+    x = torch.randn(2, 3, 4, 7)
+    gm = wrap(_ConvRecurrent(kind, batch_first, with_state), x)
+    assert group_of(gm, "conv") is not None  # the conv's channels are the recurrent layer's inputs
+    assert "output of a recurrent layer" in unprunable_reasons(gm)  # its hidden units stay
+    check_invariant(gm, x)
+    random_hard_gates(gm, p=0.5, seed=0)
+    small = vpsurgery.shrink(gm)
+    rnn = small.get_submodule("rnn")
+    assert rnn.input_size == small.get_submodule("conv").out_channels < 12
+    assert rnn.weight_ih_l0.shape[1] == rnn.weight_ih_l0_reverse.shape[1] == rnn.input_size
+    assert rnn.weight_ih_l1.shape[1] == 16  # the second layer reads the first: whole
+    # a fractional theta is folded into the input weights of both directions
+    for gate in vpsurgery.gates(gm).values():
+        gate.set(torch.rand(gate.theta.shape, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5)
+    assert rel_err(vpsurgery.shrink(gm)(x), gm.eval()(x)) <= 1e-5

@@ -324,8 +324,12 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
     node_axes = {}
     for node, lay in w.layouts.items():
         meta = node.meta.get("tensor_meta")
-        if isinstance(lay, tuple):
+        if isinstance(lay, tuple) and all(isinstance(l, Layout) for l in lay):
             node_axes[node.name] = tuple(axis_of(l, tuple(m.shape)) for l, m in zip(lay, meta))
+        elif isinstance(lay, tuple) and any(axis_of(l, tuple(m.shape)) for l, m in _leaves(lay, meta)):
+            # nested, as LSTM's (output, (h, c)): the plan has no form for it, so its rule pins them all
+            raise AssertionError(f"a channel rule left channels in the nested result of node '{node.name}'; "
+                                 f"please report it")
         elif isinstance(lay, Layout) and is_tensor_meta(meta):
             ax = axis_of(lay, tuple(meta.shape))
             if ax is not None:
@@ -387,6 +391,13 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
     return Plan(groups=groups, sections={}, node_axes=node_axes, module_axes=dict(module_axes),
                 param_axes=param_axes, sites=sites, unprunable=unprunable, example=example,
                 prunable_share=prunable / total if total else 0.0)
+
+
+def _leaves(lay, meta):
+    """(layout, tensor meta) pairs of a nested result."""
+    if isinstance(lay, tuple):
+        return [pair for l, m in zip(lay, meta) for pair in _leaves(l, m)]
+    return [(lay, meta)] if isinstance(lay, Layout) else []
 
 
 def _unique(name: str, taken) -> str:
