@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 import torchvision
 
 from .channels import Layout
@@ -169,9 +170,19 @@ FUNCTION_RULES: dict[Callable, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 
 
+def module_rule(module: nn.Module) -> Rule | None:
+    """The rule of a module's exact type (a subclass may change forward), or, for a module whose
+    tensors torch.nn.utils.parametrize computes (weight_norm, spectral_norm), its own class's: the
+    class parametrize makes only turns those tensors into properties."""
+    rule = MODULE_RULES.get(type(module))
+    if rule is None and parametrize.is_parametrized(module):
+        rule = MODULE_RULES.get(parametrize.type_before_parametrizations(module))
+    return rule
+
+
 def _registered(node, modules) -> Rule | None:
     if node.op == "call_module":
-        return MODULE_RULES.get(type(modules[node.target]))  # exact type: a subclass may change forward
+        return module_rule(modules[node.target])
     if node.op == "call_function":
         try:
             return FUNCTION_RULES.get(node.target)

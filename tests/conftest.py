@@ -96,10 +96,15 @@ def n_params(m: nn.Module) -> int:
 
 
 def layer_sizes(m: nn.Module) -> dict[str, int]:
-    """Parameter+buffer numel of every Conv/Linear/BN/GroupNorm module."""
+    """Parameter+buffer numel of every Conv/Linear/BN/GroupNorm module (a tensor its parametrizations
+    compute, such as a weight_norm'ed weight, as the tensor it computes)."""
     kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm)
-    return {name: sum(t.numel() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
-            for name, mod in m.named_modules() if isinstance(mod, kinds)}
+
+    def size(mod):
+        computed = getattr(mod, "parametrizations", {})
+        return (sum(t.numel() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
+                + sum(getattr(mod, name).numel() for name in computed))
+    return {name: size(mod) for name, mod in m.named_modules() if isinstance(mod, kinds)}
 
 
 def assert_no_gates(shrunk) -> None:

@@ -1070,3 +1070,59 @@ def test_recurrent_layers_read_channels_that_shrink_exactly(kind, batch_first, w
     for gate in vpsurgery.gates(gm).values():
         gate.set(torch.rand(gate.theta.shape, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5)
     assert rel_err(vpsurgery.shrink(gm)(x), gm.eval()(x)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ parametrizations
+class _Reparametrized(nn.Module):
+    """weight_norm and spectral_norm (torch.nn.utils.parametrizations) on convs and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils import parametrizations as P
+        self.a = P.weight_norm(nn.Conv2d(3, 12, 3, padding=1))
+        self.b = P.spectral_norm(nn.Conv2d(12, 10, 3, padding=1))
+        self.c = P.weight_norm(nn.Linear(10, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
+        return self.head(torch.relu(self.c(y)))
+
+
+@torch.no_grad()
+def test_weight_and_spectral_norm_layers_are_baked_and_shrink_exactly():
+    from torch.nn.utils import parametrize
+    x = torch.randn(2, 3, 8, 8)
+    gm = wrap(_Reparametrized(), x)
+    for name in ("a", "b", "c"):
+        assert group_of(gm, name) is not None, name  # the parametrized layers' channels go
+    check_invariant(gm, x)  # (assert_invariant: the gated model keeps its parametrizations, unchanged)
+    random_hard_gates(gm, p=0.5, seed=0)
+    small = vpsurgery.shrink(gm)
+    assert not any(parametrize.is_parametrized(small.get_submodule(n)) for n in ("a", "b", "c"))
+    assert type(small.get_submodule("a")) is nn.Conv2d and small.get_submodule("a").out_channels < 12
+    assert all(parametrize.is_parametrized(gm.get_submodule(n)) for n in ("a", "b", "c"))
+    # a fractional theta folds into a baked weight (a parametrized consumer)
+    for gate in vpsurgery.gates(gm).values():
+        gate.set(torch.rand(gate.theta.shape, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.5)
+    assert rel_err(vpsurgery.shrink(gm)(x), gm.eval()(x)) <= 1e-5
+
+
+def test_an_optimizer_goes_on_with_a_baked_weight():
+    from vpsurgery.passes.shrink import Decision, shrink_to
+    from vpsurgery.train.pruner import carry_optimizer
+    x = torch.randn(2, 3, 8, 8)
+    gm = wrap(_Reparametrized(), x)
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    gm.train()
+    gm(x).sum().backward()
+    opt.step()
+    a_units = group_of(gm, "a").units
+    result = shrink_to(gm, Decision(units=frozenset(int(u) for u in a_units[:3])))
+    carry_optimizer(opt, gm, result)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(result.model.get_submodule("a").weight) in held  # baked: trained on
+    assert all(id(p) in held for p in result.model.parameters())
+    assert not any(id(p) in held for p in gm.get_submodule("a").parametrizations.weight.parameters())
+    assert [k for k, v in result.baked.items() if v == "a.weight"] == [
+        "a.parametrizations.weight.original0", "a.parametrizations.weight.original1"]  # weight_norm's g and v

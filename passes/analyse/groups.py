@@ -6,12 +6,13 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 import torch.fx as fx
 
 from ..channels import ChannelSpace, Layout
 from ..capture.trace import is_tensor_meta, tensor_meta
 from ..plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
-from ..rules import MODULE_RULES, CallArgs, Unsupported, lookup, size_deps
+from ..rules import CallArgs, Unsupported, lookup, module_rule, size_deps
 from .cost import call_macs, graph_batch, product_macs, product_macs_along
 
 MAX_PARAM_IDS = 1 << 18  # a parameter read as a tensor gets one id per element; cap the cost (a ViT-B position table is 151k)
@@ -238,7 +239,7 @@ def _couple_tied_parameters(w: ChannelWalker) -> None:
         mapped, pin = [], False
         for m, pname in used:
             module = w.modules.get(m) if m is not None else None
-            rule = MODULE_RULES.get(type(module)) if module is not None else None
+            rule = module_rule(module) if module is not None else None
             dims = (rule.params(module) if rule is not None and rule.params else {}).get(pname)
             if dims is None:
                 pin = True  # read where no module axis follows it (a graph attribute, a module without a rule)
@@ -501,12 +502,12 @@ def _unit_costs(gm, modules, module_axes, node_axes, n_units):
     seen = set()  # a parameter tied between modules is counted once
     for name, axes in module_axes.items():
         m = modules[name]
-        rule = MODULE_RULES.get(type(m))
+        rule = module_rule(m)
         if rule is None or rule.params is None:
             continue
         for pname, dims in rule.params(m).items():
-            t = getattr(m, pname, None)
-            if not isinstance(t, torch.nn.Parameter) or id(t) in seen:
+            t = getattr(m, pname, None)  # (a weight_norm'ed weight is computed: it counts as the parameter)
+            if not (isinstance(t, torch.nn.Parameter) or parametrize.is_parametrized(m, pname)) or id(t) in seen:
                 continue
             seen.add(id(t))
             for d, axis_name in dims.items():

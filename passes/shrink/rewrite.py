@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
-from ..capture.trace import is_tensor_meta, tensor_meta
+from ..capture.trace import evaluating, is_tensor_meta, tensor_meta
 from ..capture.inplace import is_inplace, may_alias
 from ..gate.insert import GATES, MASKS, mask_index, site_groups
 from ..gate.modules import GATED_NORMS, gate_norm, ungate_norm
@@ -28,7 +29,7 @@ from ..attach import PLAN_KEY, plan_of, set_plan
 from ..plan import Axis, Plan, removed_mask
 from ..analyse.batch import propagate_cheaply
 from ..analyse.sections import network_depth
-from ..rules import MODULE_RULES, CallArgs, lookup, size_deps
+from ..rules import CallArgs, lookup, module_rule, size_deps
 from ..capture.trace import NodeFailure
 from ..copying import copy_module
 
@@ -71,6 +72,7 @@ class ShrinkResult:
     plan: Plan
     slices: dict[str, dict[int, torch.Tensor]]  # parameter name -> {dim: kept indices}, for optimizer state
     kept_anyway: frozenset[int]  # decided units kept so that no tensor is empty (their weights read 0)
+    baked: dict[str, str]  # parametrization original -> the plain parameter that replaced it (see _bake)
 
 
 def shrink_to(gated: fx.GraphModule, decision: Decision, *, keep_gates: bool = False,
@@ -81,14 +83,15 @@ def shrink_to(gated: fx.GraphModule, decision: Decision, *, keep_gates: bool = F
     stage = ["starting on the gated model" if inplace else "copying the gated model"]
     try:
         slices: dict[str, dict[int, torch.Tensor]] = {}  # filled by the slicing steps
+        baked: dict[str, str] = {}
         gm = _shrink(gated, plan, keep_gates, set(decision.units), set(decision.sections), slices, stage,
-                     inplace)
+                     inplace, baked)
     except ShrinkError:
         raise
     except Exception as e:
         raise _internal(e, stage[0]) from e
     new_plan = plan_of(gm)
-    return ShrinkResult(gm, new_plan, slices, new_plan.kept_anyway - plan.kept_anyway)
+    return ShrinkResult(gm, new_plan, slices, new_plan.kept_anyway - plan.kept_anyway, baked)
 
 
 def check_threshold(threshold) -> float:
@@ -105,7 +108,7 @@ def shrink(gated: fx.GraphModule, threshold: float = 0.5, *, keep_gates: bool = 
     return shrink_to(gated, decision, keep_gates=keep_gates, inplace=inplace).model
 
 
-def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, stage, inplace):
+def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, stage, inplace, baked):
     gm = gated if inplace else _copy_sharing_tensors(gated, plan)
     removed_sections = set(removed_sections) & set(plan.sections)  # earlier shrinks removed the rest
     theta = _unit_theta(gm, plan)
@@ -119,7 +122,7 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
         theta[u] = 0.0  # so its consumers read it with zero weight (not with its sub-threshold theta)
     gone = removed_mask(removed_units)  # what Axis.keep reads fastest
 
-    _slice_modules(gm, plan, gone, slices, stage)
+    _slice_modules(gm, plan, gone, slices, stage, baked)
     stage[0] = "slicing parameters"
     _slice_params(gm, plan, gone, slices)
     if not inplace:
@@ -131,7 +134,7 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
     if keep_gates:
         _slice_gates(gm, plan, new_plan, removed_units, slices)
     else:
-        _fold_gates(gm, plan, new_plan, gone, theta)
+        _fold_gates(gm, plan, new_plan, gone, theta, baked)
 
     stage[0] = "removing dead code"
     eliminate_dead_code(gm)
@@ -253,7 +256,34 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------- slicing
-def _slice_modules(gm, plan, removed, slices, stage):
+def _bake(gm, target: str, baked: dict[str, str]) -> nn.Module:
+    """Module `target` of `gm` as a module of its own class holding, as plain parameters, the tensors
+    its parametrizations (weight_norm, spectral_norm) compute now (in eval mode: spectral_norm's
+    power iteration does not run), under every name it has in `gm`. Slicing a computed weight's
+    parts (weight_norm's direction, whose norm runs over every input channel) or scaling one would
+    change what it computes; its value can be sliced and scaled exactly. The originals' names map
+    to the new parameter's in `baked` (an optimizer carries on with it, without their state)."""
+    module = gm.get_submodule(target)
+    cls = parametrize.type_before_parametrizations(module)
+    plain = cls.__new__(cls)
+    plain.__dict__.update(module.__dict__)
+    plain._parameters, plain._buffers = dict(module._parameters), dict(module._buffers)
+    plain._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    with evaluating(module), torch.no_grad():
+        for pname, originals in module.parametrizations.items():
+            value = getattr(module, pname).detach().clone()  # (a parametrization may return its original)
+            grad = any(p.requires_grad for p in originals.parameters())
+            plain._parameters[pname] = nn.Parameter(value, requires_grad=grad)
+            for oname, _ in originals.named_parameters():
+                baked[f"{target}.parametrizations.{pname}.{oname}"] = f"{target}.{pname}"
+    for name, m in list(gm.named_modules(remove_duplicate=False)):
+        if m is module:
+            parent, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, plain)
+    return plain
+
+
+def _slice_modules(gm, plan, removed, slices, stage, baked):
     """Slice, in place, the modules of `gm` whose channels go (gm's own: a copy that still shares
     gated's tensors, or gated itself when shrinking in place); their tensors are replaced, never
     written into (a copying shrink's gated model still holds them)."""
@@ -276,8 +306,11 @@ def _slice_modules(gm, plan, removed, slices, stage):
                 raise ShrinkError(f"module '{node.target}' is one module under several names whose calls "
                                   f"would keep different channels; please report it")
             continue
+        if parametrize.is_parametrized(module):
+            module = _bake(gm, node.target, baked)
+            modules = dict(gm.named_modules(remove_duplicate=False))
         sliced[id(module)] = keep
-        rule = MODULE_RULES[type(module)]
+        rule = module_rule(module)
         for pname, dims in (rule.params(module) if rule.params else {}).items():
             if isinstance(getattr(module, pname, None), nn.Parameter):
                 slices[f"{node.target}.{pname}"] = {d: keep[a] for d, a in dims.items()}
@@ -513,7 +546,7 @@ def _internal(e: Exception, doing: str) -> "ShrinkError":
 
 
 # ---------------------------------------------------------------------------------- gates
-def _fold_gates(gm, plan, new_plan, removed, theta):
+def _fold_gates(gm, plan, new_plan, removed, theta, baked):
     """Drop gates and masks, folding each kept unit's theta into the weights that read it."""
     nodes = {n.name: n for n in gm.graph.nodes}
     mask_nodes = _nodes_calling(gm, MASKS)
@@ -532,14 +565,17 @@ def _fold_gates(gm, plan, new_plan, removed, theta):
             kept = site.axis.restrict(removed).units
             scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
             module = gm.get_submodule(consumer.target)
+            if parametrize.is_parametrized(module) and not torch.all(scale == 1):
+                module = _bake(gm, consumer.target, baked)  # a computed weight cannot be scaled in place
             weight = getattr(module, "weight", None)
-            if id(weight) in weights:
-                if not torch.equal(weights[id(weight)][1], scale):
+            key = id(weight) if weight is not None else id(module)  # (an LSTM has no `weight`)
+            if key in weights:
+                if not torch.equal(weights[key][1], scale):
                     raise ShrinkError(f"module '{consumer.target}' shares its weight with another module that "
                                       f"reads its channels with different gate values; please report it")
             elif not torch.all(scale == 1):
-                MODULE_RULES[type(module)].fold_input(module, scale)
-            weights.setdefault(id(weight), (weight, scale))
+                module_rule(module).fold_input(module, scale)
+            weights.setdefault(key, (weight, scale))
         mask.replace_all_uses_with(mask.args[0])
         gm.graph.erase_node(mask)
     gates = getattr(gm, GATES)

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from vpsurgery.config import PER, PRIORS, default
 from vpsurgery.passes.gate.insert import GATES
-from vpsurgery.passes.rules import MODULE_RULES
+from vpsurgery.passes.rules import module_rule
 from vpsurgery.passes.analyse import cost as _cost
 from vpsurgery.passes.attach import plan_of
 from vpsurgery.passes.plan import Axis
@@ -104,7 +104,7 @@ def _build_index(gm: fx.GraphModule) -> list[_Entry]:
     for mname, module in gm.named_modules():
         if mname == GATES or mname.startswith(GATES + "."):
             continue
-        rule = MODULE_RULES.get(type(module))
+        rule = module_rule(module)
         dims = rule.params(module) if rule is not None and rule.params and mname in plan.module_axes else {}
         for pname, p in module.named_parameters(recurse=False):
             axes = []

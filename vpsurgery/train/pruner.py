@@ -506,8 +506,10 @@ def check_gated(gated) -> None:
 def carry_optimizer(optimizer: torch.optim.Optimizer, old_gm: fx.GraphModule, shrunk: ShrinkResult) -> None:
     """Point `optimizer` (in place) at the shrunk model's parameters, matched by name, with its
     per-parameter state sliced as shrink sliced the parameter (shrunk.slices); parameters of removed
-    structures leave it; parameters that are not old_gm's stay as they are."""
+    structures leave it; parameters that are not old_gm's stay as they are. A weight that shrink
+    baked out of its parametrization (weight_norm) takes its originals' place, with fresh state."""
     new_gm, slices = shrunk.model, shrunk.slices
+    added = set()
     old_names = {id(p): name for name, p in old_gm.named_parameters()}
     new_params = dict(new_gm.named_parameters())
     state = defaultdict(dict)
@@ -521,6 +523,12 @@ def carry_optimizer(optimizer: torch.optim.Optimizer, old_gm: fx.GraphModule, sh
                     state[p] = optimizer.state[p]
                 continue
             q = new_params.get(name)
+            if q is None and name in shrunk.baked:
+                q = new_params.get(shrunk.baked[name])
+                if q is not None and id(q) not in added:
+                    added.add(id(q))
+                    params.append(q)
+                continue
             if q is None:
                 continue  # removed with its structure
             params.append(q)
