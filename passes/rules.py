@@ -1123,6 +1123,23 @@ def _roll(ctx):
 
 
 _register(FUNCTION_RULES, (torch.roll,), Rule(analyse=_roll, linear=True))
+
+
+def _flip(ctx):
+    """flip reverses positions along its dims: along the channel dim the ids are reversed with them
+    (the kept channels, reversed, are what a smaller flip gives)."""
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    fixed = {torch.fliplr: [1], torch.flipud: [0]}
+    dims = fixed[ctx.node.target] if ctx.node.target in fixed else ctx.varargs(1, "dims")
+    ids = lay.ids
+    for d in {_nd(d, ndim) for d in dims}:
+        if ids.shape[d] > 1:
+            ids = np.flip(ids, d)
+    return Layout(_owned(ids), lay.dim)
+
+
+_register(FUNCTION_RULES, (torch.flip, torch.fliplr, torch.flipud), Rule(analyse=_flip, linear=True))
 _register(FUNCTION_RULES, (torch.addcmul, torch.addcdiv), Rule(analyse=lambda ctx: _elementwise(ctx)))
 _register(METHOD_RULES, ("addcmul", "addcdiv"), Rule(analyse=lambda ctx: _elementwise(ctx)))
 
@@ -1141,6 +1158,7 @@ def _reshape_as(ctx):
 
 _register(METHOD_RULES, ("reshape_as", "view_as"), Rule(analyse=_reshape_as, linear=True, alias=True))
 METHOD_RULES["roll"] = Rule(analyse=_roll, linear=True)
+METHOD_RULES["flip"] = Rule(analyse=_flip, linear=True)
 
 
 def _created_like(ctx):
@@ -1319,6 +1337,7 @@ _aten("expand_as", METHOD_RULES["expand_as"])
 _aten("cat", Rule(analyse=_cat))
 _aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
+_aten("flip", Rule(analyse=_flip, linear=True))
 _aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))
 _aten("new_zeros new_ones new_empty new_full", Rule(analyse=_created_like))
 _aten("zeros_like ones_like empty_like full_like", _SHAPED_LIKE)

@@ -555,8 +555,8 @@ class NoRule(nn.Module):
             y = torch.cumsum(y, dim=1)
         elif self.how == "cumsum-spatial":
             y = torch.cumsum(y, dim=3)
-        elif self.how == "flip":
-            y = torch.flip(y, dims=[1])
+        elif self.how == "logcumsumexp":
+            y = torch.logcumsumexp(y, dim=1)
         elif self.how == "matmul":
             y = torch.matmul(y.permute(0, 2, 3, 1), torch.ones(8, 8)).permute(0, 3, 1, 2)
         elif self.how == "roll":
@@ -564,7 +564,8 @@ class NoRule(nn.Module):
         return self.head(self.c2(y))
 
 
-@pytest.mark.parametrize("how,name", [("cumsum", "cumsum"), ("cumsum-spatial", "cumsum"), ("flip", "flip")])
+@pytest.mark.parametrize("how,name", [("cumsum", "cumsum"), ("cumsum-spatial", "cumsum"),
+                                      ("logcumsumexp", "logcumsumexp")])
 def test_op_without_rule_pins_and_reports(how, name):
     gm = wrap(NoRule(how), X)
     reasons = [u for u in vpsurgery.plan(gm).unprunable if "no channel rule" in u.reason and name in u.reason]
@@ -1126,3 +1127,26 @@ def test_an_optimizer_goes_on_with_a_baked_weight():
     assert not any(id(p) in held for p in gm.get_submodule("a").parametrizations.weight.parameters())
     assert [k for k, v in result.baked.items() if v == "a.weight"] == [
         "a.parametrizations.weight.original0", "a.parametrizations.weight.original1"]  # weight_norm's g and v
+
+
+class _Flips(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        flipped = {"channels": lambda: torch.flip(y, [1, 3]), "method": lambda: y.flip(-3),
+                   "lr": lambda: torch.fliplr(y), "spatial": lambda: y.flip(2)}[self.how]()
+        return self.b(y + 0.5 * flipped)
+
+
+@pytest.mark.parametrize("how", ["channels", "method", "lr", "spatial"])
+def test_flip_reverses_channels_with_their_ids(how):
+    x = torch.randn(2, 3, 6, 6)
+    gm = wrap(_Flips(how), x)
+    a = group_of(gm, "a")
+    # y + flip(y) over channels ties channel i to channel 7 - i: 4 units; a spatial flip keeps 8
+    assert len(a.units) == (8 if how == "spatial" else 4)
+    check_invariant(gm, x)
