@@ -1,7 +1,7 @@
 """Coverage sweep over other zoos: timm classifiers (all families), torchvision segmentation models and
 detectors; writes the <!-- zoo:begin --> / <!-- zoo:end --> section of docs/coverage.md.
 
-    python bench/coverage_zoo.py                          # everything (~65 models, 20-40 min on 2 cores)
+    python bench/coverage_zoo.py                          # everything (82 models, 2.4 min on this 2-core VM)
     python bench/coverage_zoo.py --only levit_128s swin_tiny_patch4_window7_224
     python bench/coverage_zoo.py --family transformer hybrid
     python bench/coverage_zoo.py --list                   # names and families, nothing run
@@ -38,7 +38,7 @@ BATCH = 2
 SIZE = 64  # CNN input side; transformers get img_size=64 where timm accepts it, else their default
 
 # (name, family). timm names unless prefixed: tvseg: torchvision segmentation, tvdet: torchvision
-# detection, test: tests/capture_nets.py
+# detection, test: tests/capture_nets.py, user: tests/user_nets.py (each with its own input)
 ZOO: list[tuple[str, str]] = [
     # concat trees
     ("densenet121", "concat"), ("dla34", "concat"), ("dla46_c", "concat"), ("vovnet39a", "concat"),
@@ -85,6 +85,9 @@ ZOO: list[tuple[str, str]] = [
     # detectors
     ("test:TinyYolo", "detection"), ("tvdet:ssdlite320_mobilenet_v3_large", "detection"),
     ("tvdet:fasterrcnn_mobilenet_v3_large_320_fpn", "detection"),
+    # users' own networks (tests/user_nets.py): embeddings, tied heads, LSTMs, pixel shuffle, weight_norm
+    *((f"user:{n}", "user") for n in ("TextTransformer", "TiedLM", "CRNN", "SubPixelSR", "WeightNormAudio",
+                                      "SNDiscriminator", "UNet")),
 ]
 FAMILY = dict(ZOO)
 
@@ -139,6 +142,13 @@ def build(name: str, seed: int = 0):
         torch.manual_seed(seed)
         model = torchvision.models.get_model(name[6:], weights=None, weights_backbone=None, num_classes=5)
         shape = (3, 320, 320)
+    elif name.startswith("user:"):
+        sys.path.insert(0, str(TESTS))
+        from user_nets import USER_NETS
+        make, example = USER_NETS[name[5:]]
+        torch.manual_seed(seed)
+        model = _conftest().realistic_stats(make(), seed).eval()
+        return model, example(torch.Generator().manual_seed(seed + 1)), kw
     elif name.startswith("test:"):
         sys.path.insert(0, str(TESTS))
         import capture_nets
@@ -310,8 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="these models (names as in --list)")
     ap.add_argument("--family", nargs="*", help="these families (as in --list)")
     ap.add_argument("--out", default=str(common.REPO / "docs" / "coverage.md"))
-    ap.add_argument("--jsonl", default="/tmp/vpsurgery_coverage_zoo.jsonl",
-                    help="per-model results, kept between runs: rows not re-run are taken from here")
+    ap.add_argument("--jsonl", default=str(common.REPO / "docs" / "results" / "coverage_zoo.jsonl"),
+                    help="per-model results, kept between runs (in the repo): rows not re-run are taken from here")
     ap.add_argument("--fresh", action="store_true", help="forget the results in --jsonl first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300, help="per-model time limit, seconds")
