@@ -1223,22 +1223,12 @@ def _rnn_analyse(ctx):
     cdim = len(ctx.shape_of(x)) - 1
     ctx.space.union(along(ctx, x, cdim), ctx.axis("in", m.input_size))
     ctx.consume(0, cdim)
-    for value in _flatten_nodes((ctx.node.args[1:], ctx.node.kwargs)):
-        lay = ctx.layout_of(value)
+    for value in ctx.node.all_input_nodes:
+        lay = ctx.layout_of(value) if value is not x else None
         for one in (lay if isinstance(lay, tuple) else (lay,)):
             if isinstance(one, Layout):
                 ctx.pin(one, "initial state of a recurrent layer")
     return _background_like(ctx, ctx.node.meta.get("tensor_meta"), "output of a recurrent layer")
-
-
-def _flatten_nodes(value):
-    if isinstance(value, fx.Node):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [n for v in value for n in _flatten_nodes(v)]
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in _flatten_nodes(v)]
-    return []
 
 
 def _rnn_input_weights(m) -> list[str]:
