@@ -124,3 +124,34 @@ def test_expected_cost_is_the_shrunk_networks_cost_at_hard_gates(per):
     theta = torch.rand(sum(g.theta.numel() for g in vpsurgery.gates(gm).values()) + 1, requires_grad=True)
     expected_cost(gm, per, theta).backward()
     assert theta.grad is not None and theta.grad[1:].abs().sum() > 0
+
+
+def test_a_weight_normed_layer_costs_what_its_computed_weight_does():
+    """The objective reads a parametrized weight (weight_norm, spectral_norm) as the tensor its layer
+    computes: the expected params and MACs equal those of the same net with plain weights, under any
+    gates, and the slab term regularises the computed weight."""
+    from torch.nn.utils import parametrize
+
+    from test_rules import _Reparametrized
+    from vpsurgery.train.objective import expected_cost, weight_mass
+
+    torch.manual_seed(0)
+    model = _Reparametrized().eval()
+    torch.manual_seed(0)
+    plain = _Reparametrized().eval()  # (not a deepcopy: that shares the class parametrize made)
+    for m in plain.modules():
+        for name in list(getattr(m, "parametrizations", {})):
+            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    x = torch.randn(2, 3, 8, 8)
+    gated, reference = vpsurgery.wrap(model, (x,)), vpsurgery.wrap(plain, (x,))
+    assert set(vpsurgery.gates(gated)) == set(vpsurgery.gates(reference))
+    g = torch.Generator().manual_seed(0)
+    for name, gate in vpsurgery.gates(gated).items():
+        value = torch.rand(gate.theta.shape, generator=g)
+        gate.set(value)
+        vpsurgery.gates(reference)[name].set(value)
+    for per in ("params", "flops"):
+        assert expected_cost(gated, per).item() == pytest.approx(expected_cost(reference, per).item(), rel=1e-6)
+    assert weight_mass(gated).item() == pytest.approx(weight_mass(reference).item(), rel=1e-5)
+    weight_mass(gated).backward()  # through weight_norm's g and v
+    assert gated.get_submodule("a").parametrizations.weight.original1.grad is not None

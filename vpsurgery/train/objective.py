@@ -102,11 +102,13 @@ def _build_index(gm: fx.GraphModule) -> list[_Entry]:
     macs = macs_per_weight_entry(gm)
     entries = []
     for mname, module in gm.named_modules():
-        if mname == GATES or mname.startswith(GATES + "."):
-            continue
+        if mname == GATES or mname.startswith(GATES + ".") or ".parametrizations." in f".{mname}.":
+            continue  # (a parametrized tensor counts once, as the tensor its layer computes: below)
         rule = module_rule(module)
         dims = rule.params(module) if rule is not None and rule.params and mname in plan.module_axes else {}
-        for pname, p in module.named_parameters(recurse=False):
+        names = [pname for pname, _ in module.named_parameters(recurse=False)]
+        names += list(getattr(module, "parametrizations", {}))  # weight_norm's weight: computed from g, v
+        for pname in names:
             axes = []
             for d, axis_name in dims.get(pname, {}).items():
                 units = plan.module_axes[mname][axis_name].units
@@ -224,6 +226,13 @@ def _sums(gm, per, *, with_weights, spike=False, theta=None):
     """One pass over the parameters: (sum_e a_e w_e^2, sum_e (1 - a_e) w_e^2, sum_e a_e cost_e)."""
     params = dict(gm.named_parameters())
     device = next(iter(params.values())).device
+
+    def tensor(qualname):  # a parameter, or a tensor a parametrization computes (weight_norm)
+        if qualname in params:
+            return params[qualname]
+        owner, _, leaf = qualname.rpartition(".")
+        return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
     theta = flat_theta(gm) if theta is None else theta
     slab = spikes = cost = theta.new_zeros(())
     for e in _index(gm, device):
@@ -232,7 +241,7 @@ def _sums(gm, per, *, with_weights, spike=False, theta=None):
                 kept = sum((theta[idx].sum() for _, idx in e.axes), theta.new_zeros(()))
                 cost = cost + theta[e.section] * (e.macs_per_entry * kept + e.constant)
             continue
-        w = params[e.qualname]
+        w = tensor(e.qualname)
         # Sum over the dims no gate governs first: the theta products then touch one entry per
         # (gated position, gated position), not every kernel entry.
         gated = {d for d, _ in e.axes}
