@@ -813,14 +813,26 @@ METHOD_RULES["expand"] = Rule(analyse=_expand, rewrite=_rewrite_sizes, linear=Tr
 METHOD_RULES["expand_as"] = Rule(analyse=lambda ctx: _elementwise(ctx), linear=True, alias=True)  # takes the other's size: couples with it
 
 
+def _sequence(ctx, tensors) -> list[tuple[Layout, tuple]]:
+    """(layout, shape) of each tensor cat/stack joins: a list of nodes, or one node whose value is a
+    tuple of tensors (`torch.cat(x.chunk(4, 1)[::-1], 1)`)."""
+    if isinstance(tensors, fx.Node):
+        lays, metas = ctx.layout_of(tensors), tensors.meta.get("tensor_meta")
+        if not (isinstance(lays, tuple) and isinstance(metas, (tuple, list)) and len(lays) == len(metas)
+                and all(isinstance(lay, Layout) for lay in lays)):
+            raise Unsupported("a sequence of tensors made in the graph whose channels are not known")
+        return [(lay, tuple(m.shape)) for lay, m in zip(lays, metas)]
+    return [(ctx.layout_of(t), ctx.shape_of(t)) for t in tensors]
+
+
 def _cat(ctx):
-    tensors = ctx.arg(0, "tensors")
+    parts = _sequence(ctx, ctx.arg(0, "tensors"))
     ndim = len(ctx.out_shape)
     dim = _nd(ctx.arg(1, "dim", 0), ndim)
-    parts = [ctx.space.materialize(ctx.layout_of(t), ctx.shape_of(t), dims=[dim]) for t in tensors]
+    prefer = next((lay.dim for lay, _ in parts if lay.dim is not None), None)
+    parts = [ctx.space.materialize(lay, shape, dims=[dim]) for lay, shape in parts]
     target = [max(p.shape[d] for p in parts) for d in range(ndim)]
     parts = [np.broadcast_to(p, target[:dim] + [p.shape[dim]] + target[dim + 1:]) for p in parts]
-    prefer = next((ctx.layout_of(t).dim for t in tensors if ctx.layout_of(t).dim is not None), None)
     return ctx.normalize(np.concatenate(parts, axis=dim), prefer)
 
 
@@ -829,14 +841,14 @@ _register(FUNCTION_RULES, (torch.cat, torch.concat, torch.concatenate), Rule(ana
 
 def _stack(ctx):
     """stack: the inputs side by side along a new dim; where they meet they are one channel."""
-    tensors = ctx.arg(0, "tensors")
+    layouts = [lay for lay, _ in _sequence(ctx, ctx.arg(0, "tensors"))]
     ndim = len(ctx.out_shape)
     dim = _nd(ctx.arg(1, "dim", 0), ndim)
-    parts = [np.expand_dims(ctx.layout_of(t).ids, dim) for t in tensors]
+    parts = [np.expand_dims(lay.ids, dim) for lay in layouts]
     arrays = np.broadcast_arrays(*parts)
     for other in arrays[1:]:  # a stack then a sum (split attention) must take the same channels
         ctx.space.union(arrays[0], other)
-    prefer = next((ctx.layout_of(t).dim for t in tensors if ctx.layout_of(t).dim is not None), None)
+    prefer = next((lay.dim for lay in layouts if lay.dim is not None), None)
     return ctx.normalize(_owned(arrays[0]), None if prefer is None else prefer + (prefer >= dim))
 
 
@@ -953,9 +965,34 @@ FUNCTION_RULES[operator.getitem] = Rule(analyse=_getitem, rewrite=_getitem_rewri
 
 
 # --------------------------------------------------------------------------- metadata only
-_register(FUNCTION_RULES, (getattr, torch._assert, operator.eq, operator.ne, operator.lt, operator.le,
-                           operator.gt, operator.ge, operator.floordiv, operator.mod, len, torch.numel,
-                           torch._C._get_tracing_state), Rule(analyse=_metadata))
+def _sizes_or_values(ctx):
+    """A comparison or integer op: on sizes, metadata; on tensors, elementwise (the mask `y > 0`
+    keeps y's channels where they are)."""
+    return _elementwise(ctx) if ctx.out_is_tensor else _metadata(ctx)
+
+
+_register(FUNCTION_RULES, (getattr, torch._assert, len, torch.numel, torch._C._get_tracing_state),
+          Rule(analyse=_metadata))
+_COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
+_register(FUNCTION_RULES, tuple(getattr(operator, op) for op in _COMPARISONS) + (operator.floordiv, operator.mod),
+          Rule(analyse=_sizes_or_values))
+_register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _COMPARISONS + (
+    "logical_and", "logical_or", "logical_xor", "remainder", "fmod", "floor_divide")), Rule(analyse=_elementwise))
+_register(METHOD_RULES, _COMPARISONS + ("logical_and", "logical_or", "logical_xor", "remainder", "fmod",
+                                        "floor_divide"), Rule(analyse=_elementwise))
+_register(FUNCTION_RULES, (torch.logical_not,), Rule(analyse=_same))
+METHOD_RULES["logical_not"] = Rule(analyse=_same)
+
+
+def _where(ctx):
+    """where(condition, a, b): elementwise over its three operands."""
+    if len(ctx.node.args) + len(ctx.node.kwargs) != 3:
+        raise Unsupported("torch.where(condition), the indices of its true entries")
+    return _elementwise(ctx)
+
+
+_register(FUNCTION_RULES, (torch.where,), Rule(analyse=_where))
+METHOD_RULES["where"] = Rule(analyse=_where)
 _register(METHOD_RULES, ("size", "dim", "numel", "ndimension", "nelement", "get_device"), Rule(analyse=_metadata))
 METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 
@@ -1140,6 +1177,53 @@ def _flip(ctx):
 
 
 _register(FUNCTION_RULES, (torch.flip, torch.fliplr, torch.flipud), Rule(analyse=_flip, linear=True))
+
+
+def _cumulative(ctx):
+    """cumsum/cumprod/logcumsumexp run along one dim: per channel, unless that dim is the channels'."""
+    x = ctx.arg(0, "input")
+    lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
+    if lay.ids.shape[_nd(ctx.arg(1, "dim"), ndim)] > 1:
+        raise Unsupported(f"{getattr(ctx.node.target, '__name__', ctx.node.target)} along the channel dim")
+    return lay
+
+
+_CUMSUM, _CUMULATIVE = Rule(analyse=_cumulative, linear=True), Rule(analyse=_cumulative, nonlinear=True)
+_register(FUNCTION_RULES, (torch.cumsum,), _CUMSUM)
+_register(FUNCTION_RULES, (torch.cumprod, torch.logcumsumexp), _CUMULATIVE)
+METHOD_RULES["cumsum"] = _CUMSUM
+_register(METHOD_RULES, ("cumprod", "logcumsumexp"), _CUMULATIVE)
+
+
+def _glu(ctx):
+    """glu(x, dim) = a * sigmoid(b), a and b the halves of x along dim: along the channels, channel i
+    of a and channel i of b make output channel i, one unit (the halves stay halves)."""
+    x = ctx.arg(0, "input")
+    lay, shape = ctx.layout_of(x), ctx.shape_of(x)
+    d = _nd(ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim", -1), len(shape))
+    a, b = np.split(ctx.space.materialize(lay, shape, dims=[d]), 2, axis=d)
+    ctx.space.union(a, b)
+    return ctx.normalize(_owned(a), lay.dim)
+
+
+def _channel_shuffle(ctx):
+    """channel_shuffle(x, g): output channel j*g + i is input channel i*n + j (n = C/g). Position j of
+    every group is one unit, so that the groups stay equal as channels go."""
+    x = ctx.arg(0, "input")
+    g = ctx.module.groups if ctx.module is not None else ctx.arg(1, "groups")
+    if not isinstance(g, int):
+        raise Unsupported("a channel shuffle whose group count is computed at run time")
+    by_group = along(ctx, x, 1).reshape(g, -1)
+    ctx.space.union_rows(by_group.T)
+    return channel_layout(by_group.T.reshape(-1).copy(), len(ctx.out_shape), 1)
+
+
+_GLU, _SHUFFLE = Rule(analyse=_glu, nonlinear=True), Rule(analyse=_channel_shuffle, linear=True)
+_register(MODULE_RULES, (nn.GLU,), _GLU)
+_register(FUNCTION_RULES, (F.glu,), _GLU)
+_register(MODULE_RULES, (nn.ChannelShuffle,), _SHUFFLE)
+_register(FUNCTION_RULES, tuple(f for f in (getattr(F, "channel_shuffle", None), getattr(torch, "channel_shuffle", None),
+                                            getattr(torch, "native_channel_shuffle", None)) if f is not None), _SHUFFLE)
 _register(FUNCTION_RULES, (torch.addcmul, torch.addcdiv), Rule(analyse=lambda ctx: _elementwise(ctx)))
 _register(METHOD_RULES, ("addcmul", "addcdiv"), Rule(analyse=lambda ctx: _elementwise(ctx)))
 
@@ -1328,6 +1412,15 @@ _aten("cat", Rule(analyse=_cat))
 _aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
 _aten("flip", Rule(analyse=_flip, linear=True))
+_aten("cumsum", _CUMSUM)
+_aten("cumprod logcumsumexp", _CUMULATIVE)
+_aten("glu", _GLU)
+_aten("channel_shuffle native_channel_shuffle", _SHUFFLE)
+_aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor le.Scalar le.Tensor gt.Scalar gt.Tensor "
+      "ge.Scalar ge.Tensor logical_and logical_or logical_xor remainder.Scalar remainder.Tensor fmod.Scalar "
+      "fmod.Tensor floor_divide", Rule(analyse=_elementwise))
+_aten("logical_not", Rule(analyse=_same))
+_aten("where.self where.ScalarOther where.ScalarSelf where.Scalar", Rule(analyse=_elementwise))
 _aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))
 _aten("new_zeros new_ones new_empty new_full", Rule(analyse=_created_like))
 _aten("zeros_like ones_like empty_like full_like", _SHAPED_LIKE)

@@ -555,8 +555,10 @@ class NoRule(nn.Module):
             y = torch.cumsum(y, dim=1)
         elif self.how == "cumsum-spatial":
             y = torch.cumsum(y, dim=3)
-        elif self.how == "logcumsumexp":
-            y = torch.logcumsumexp(y, dim=1)
+        elif self.how == "sort":
+            y = torch.sort(y, dim=1)[0]
+        elif self.how == "nonzero-where":
+            y = y * len(torch.where(y > 0)[0])
         elif self.how == "matmul":
             y = torch.matmul(y.permute(0, 2, 3, 1), torch.ones(8, 8)).permute(0, 3, 1, 2)
         elif self.how == "roll":
@@ -564,8 +566,7 @@ class NoRule(nn.Module):
         return self.head(self.c2(y))
 
 
-@pytest.mark.parametrize("how,name", [("cumsum", "cumsum"), ("cumsum-spatial", "cumsum"),
-                                      ("logcumsumexp", "logcumsumexp")])
+@pytest.mark.parametrize("how,name", [("sort", "sort")])
 def test_op_without_rule_pins_and_reports(how, name):
     gm = wrap(NoRule(how), X)
     reasons = [u for u in vpsurgery.plan(gm).unprunable if "no channel rule" in u.reason and name in u.reason]
@@ -578,7 +579,8 @@ def test_op_without_rule_pins_and_reports(how, name):
 
 
 @pytest.mark.parametrize("how,reason", [("matmul", "matmul contracts over a channel dim"),
-                                        ("roll", "roll along the channel dim")])
+                                        ("roll", "roll along the channel dim"),
+                                        ("cumsum", "cumsum along the channel dim")])
 def test_ops_that_move_channels_pin_them(how, reason):
     """x @ W over the channel dim mixes channels where no mask can go; rolling the channel dim moves
     channels into other positions: they stay, and the report says why."""
@@ -823,7 +825,7 @@ class FactsNet(nn.Module):
 
     def forward(self, x):
         y = self.mx(self.avg(self.act(self.drop(self.bn(self.convt(self.conv(x)))))))
-        y = torch.nn.functional.avg_pool2d(y, 1) + torch.cumsum(y, 1)
+        y = torch.nn.functional.avg_pool2d(y, 1) + torch.sort(y, 1)[0]
         return self.lin(y.permute(0, 2, 3, 1).contiguous().view(-1, 3))
 
 
@@ -838,7 +840,7 @@ def test_one_table_of_op_facts():
     assert f["view"].alias and f["permute"].alias and not f["conv"].alias and not f["add"].alias
     # an op the table does not know: nonlinear, not linear, no layer; a torch op does not alias
     # (every torch view op is listed), a user's may
-    assert f["cumsum"].nonlinear and not f["cumsum"].linear and f["cumsum"].layer == 0 and not f["cumsum"].alias
+    assert f["sort"].nonlinear and not f["sort"].linear and f["sort"].layer == 0 and not f["sort"].alias
     assert _rules.UNKNOWN.alias and _rules.UNKNOWN.nonlinear and not _rules.UNKNOWN.linear
     assert _rules.lookup is not None and _rules.MODULE_RULES[nn.MultiheadAttention].analyse is None
 
@@ -1150,3 +1152,39 @@ def test_flip_reverses_channels_with_their_ids(how):
     # y + flip(y) over channels ties channel i to channel 7 - i: 4 units; a spatial flip keeps 8
     assert len(a.units) == (8 if how == "spatial" else 4)
     check_invariant(gm, x)
+
+
+# ------------------------------------------------------------------------------------------ more elementwise and channel moves
+class _ChannelOps(nn.Module):
+    """Ops between two convs that keep, pair or reorder channels: each has a rule, and its channels go."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4 if how in ("glu", "glu-module", "stacked-chunks") else 8, 4, 3, padding=1)
+        self.head = Head(4)
+        self.shuffle, self.glu = nn.ChannelShuffle(2), nn.GLU(1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = {"where": lambda: torch.where(y > 0, y, 0.1 * y),
+             "mask": lambda: y * (y.abs() >= 0.5) + y.gt(1.0).logical_not() * y,
+             "cumsum": lambda: torch.cumsum(y, 2) + y.cumprod(-1),
+             "glu": lambda: F.glu(y, 1), "glu-module": lambda: self.glu(y),
+             "shuffle": lambda: self.shuffle(y), "shuffle-function": lambda: F.channel_shuffle(y, 4),
+             "reversed-chunks": lambda: torch.cat(y.chunk(4, 1)[::-1], 1),
+             "stacked-chunks": lambda: torch.stack(y.chunk(2, 1)[::-1], 0).sum(0)}[self.how]()
+        return self.head(self.b(torch.relu(y)))
+
+
+@pytest.mark.parametrize("how, units", [
+    ("where", 8), ("mask", 8), ("cumsum", 8),
+    ("glu", 4), ("glu-module", 4),  # channel i and i + 4 make one output channel
+    ("shuffle", 4), ("shuffle-function", 2),  # position j of every group: one unit
+    ("reversed-chunks", 8), ("stacked-chunks", 4)])  # (a sequence the graph made: chunks[::-1])
+def test_channel_ops_keep_their_channels_prunable_and_exact(how, units):
+    gm = wrap(_ChannelOps(how), X)
+    group = group_of(gm, "a")
+    assert group is not None and len(group.units) == units, vpsurgery.plan(gm).unprunable
+    check_invariant(gm, X)
