@@ -1420,6 +1420,7 @@ _aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor le.Scalar le.
       "ge.Scalar ge.Tensor logical_and logical_or logical_xor remainder.Scalar remainder.Tensor fmod.Scalar "
       "fmod.Tensor floor_divide", Rule(analyse=_elementwise))
 _aten("logical_not", Rule(analyse=_same))
+_aten("clamp.Tensor clamp_min.Tensor clamp_max.Tensor", Rule(analyse=_elementwise, nonlinear=True))
 _aten("where.self where.ScalarOther where.ScalarSelf where.Scalar", Rule(analyse=_elementwise))
 _aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))
 _aten("new_zeros new_ones new_empty new_full", Rule(analyse=_created_like))

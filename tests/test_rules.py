@@ -1169,7 +1169,7 @@ class _ChannelOps(nn.Module):
     def forward(self, x):
         y = self.a(x)
         y = {"where": lambda: torch.where(y > 0, y, 0.1 * y),
-             "mask": lambda: y * (y.abs() >= 0.5) + y.gt(1.0).logical_not() * y,
+             "mask": lambda: y * (y.abs() >= 0.5) + y.gt(1.0).logical_not() * y.clamp(min=torch.zeros_like(y)),
              "cumsum": lambda: torch.cumsum(y, 2) + y.cumprod(-1),
              "glu": lambda: F.glu(y, 1), "glu-module": lambda: self.glu(y),
              "shuffle": lambda: self.shuffle(y), "shuffle-function": lambda: F.channel_shuffle(y, 4),
@@ -1183,8 +1183,12 @@ class _ChannelOps(nn.Module):
     ("glu", 4), ("glu-module", 4),  # channel i and i + 4 make one output channel
     ("shuffle", 4), ("shuffle-function", 2),  # position j of every group: one unit
     ("reversed-chunks", 8), ("stacked-chunks", 4)])  # (a sequence the graph made: chunks[::-1])
-def test_channel_ops_keep_their_channels_prunable_and_exact(how, units):
-    gm = wrap(_ChannelOps(how), X)
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_channel_ops_keep_their_channels_prunable_and_exact(how, units, capture):
+    torch.manual_seed(0)
+    model = realistic_stats(_ChannelOps(how)).eval()
+    gm = vpsurgery.wrap(model, (X,), capture=capture)
+    assert vpsurgery.plan(gm).capture == capture
     group = group_of(gm, "a")
     assert group is not None and len(group.units) == units, vpsurgery.plan(gm).unprunable
     check_invariant(gm, X)
