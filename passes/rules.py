@@ -1288,15 +1288,6 @@ def _gather_rows(ctx, table=None, index=None, dim=0):
 
 
 # --------------------------------------------------------------------------- recurrent layers
-def _background_like(ctx, meta, reason):
-    """New, pinned channels in the structure of a (nested) result: a tensor, or tuples of them."""
-    if hasattr(meta, "shape") and hasattr(meta, "dtype"):  # before tuples: TensorMetadata is one
-        return ctx.space.background(len(meta.shape), reason)
-    if isinstance(meta, (tuple, list)):
-        return tuple(_background_like(ctx, m, reason) for m in meta)
-    return None
-
-
 def _rnn_analyse(ctx):
     """nn.RNN/LSTM/GRU read their input's features through the first layer's input weights (both
     directions): those are its in channels. Its hidden units feed back into themselves, where a gate
@@ -1312,7 +1303,7 @@ def _rnn_analyse(ctx):
         for one in (lay if isinstance(lay, tuple) else (lay,)):
             if isinstance(one, Layout):
                 ctx.pin(one, "initial state of a recurrent layer")
-    return _background_like(ctx, ctx.node.meta.get("tensor_meta"), "output of a recurrent layer")
+    return ctx.w.fresh_output(ctx.node.meta.get("tensor_meta"), "output of a recurrent layer")
 
 
 def _rnn_input_weights(m) -> list[str]:

@@ -140,10 +140,11 @@ class ChannelWalker:
             return self.fresh_output(meta, reason)
 
     def fresh_output(self, meta, reason):
+        """New, pinned channels in the structure of a result: a tensor, or (nested) tuples of them."""
         if is_tensor_meta(meta):
             return self.space.background(len(meta.shape), reason)
-        if isinstance(meta, (tuple, list)) and all(is_tensor_meta(m) for m in meta):
-            return tuple(self.space.background(len(m.shape), reason) for m in meta)
+        if isinstance(meta, (tuple, list)) and all(is_tensor_meta(m) or isinstance(m, (tuple, list)) for m in meta):
+            return tuple(self.fresh_output(m, reason) for m in meta)  # (LSTM's (output, (h, c)))
         return None
 
     def get_attr(self, node, meta):
