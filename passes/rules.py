@@ -1179,6 +1179,25 @@ def _flip(ctx):
 _register(FUNCTION_RULES, (torch.flip, torch.fliplr, torch.flipud), Rule(analyse=_flip, linear=True))
 
 
+def _repeat(ctx):
+    """repeat/tile copy the tensor along dims: along the channel dim each copy holds the same channels
+    (the ids are tiled with them; the counts stay right after shrinking)."""
+    x = ctx.arg(0, "input")
+    lay = ctx.layout_of(x)
+    reps = list(ctx.varargs(1, "dims" if ctx.node.target in (torch.tile, "tile") else "repeats"))
+    if not all(isinstance(r, int) for r in reps):
+        raise Unsupported("repeat counts computed at run time")
+    nd = max(len(reps), lay.ids.ndim)
+    reps = [1] * (nd - len(reps)) + reps  # tile pads the counts in front, repeat the tensor's dims
+    ids = lay.ids.reshape((1,) * (nd - lay.ids.ndim) + lay.ids.shape)
+    ids = np.tile(ids, [r if ids.shape[d] > 1 else 1 for d, r in enumerate(reps)])
+    return Layout(_owned(ids), None if lay.dim is None else lay.dim + nd - lay.ids.ndim)
+
+
+_register(FUNCTION_RULES, (torch.tile,), Rule(analyse=_repeat, linear=True))
+_register(METHOD_RULES, ("repeat", "tile"), Rule(analyse=_repeat, linear=True))
+
+
 def _cumulative(ctx):
     """cumsum/cumprod/logcumsumexp run along one dim: per channel, unless that dim is the channels'."""
     x = ctx.arg(0, "input")
@@ -1404,6 +1423,7 @@ _aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
 _aten("flip", Rule(analyse=_flip, linear=True))
 _aten("cumsum", _CUMSUM)
+_aten("repeat tile", Rule(analyse=_repeat, linear=True))
 _aten("cumprod logcumsumexp", _CUMULATIVE)
 _aten("glu", _GLU)
 _aten("channel_shuffle native_channel_shuffle", _SHUFFLE)

@@ -1162,7 +1162,8 @@ class _ChannelOps(nn.Module):
         super().__init__()
         self.how = how
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(4 if how in ("glu", "glu-module", "stacked-chunks") else 8, 4, 3, padding=1)
+        self.b = nn.Conv2d({"glu": 4, "glu-module": 4, "stacked-chunks": 4, "repeat": 16, "tile": 16}.get(how, 8), 4, 3,
+                           padding=1)
         self.head = Head(4)
         self.shuffle, self.glu = nn.ChannelShuffle(2), nn.GLU(1)
 
@@ -1174,7 +1175,9 @@ class _ChannelOps(nn.Module):
              "glu": lambda: F.glu(y, 1), "glu-module": lambda: self.glu(y),
              "shuffle": lambda: self.shuffle(y), "shuffle-function": lambda: F.channel_shuffle(y, 4),
              "reversed-chunks": lambda: torch.cat(y.chunk(4, 1)[::-1], 1),
-             "stacked-chunks": lambda: torch.stack(y.chunk(2, 1)[::-1], 0).sum(0)}[self.how]()
+             "stacked-chunks": lambda: torch.stack(y.chunk(2, 1)[::-1], 0).sum(0),
+             "repeat": lambda: y.repeat(1, 2, 1, 1), "tile": lambda: torch.tile(y, (2, 1, 1)),
+             "repeat-spatial": lambda: y.repeat(1, 1, 2, 3)}[self.how]()
         return self.head(self.b(torch.relu(y)))
 
 
@@ -1182,7 +1185,7 @@ class _ChannelOps(nn.Module):
     ("where", 8), ("mask", 8), ("cumsum", 8),
     ("glu", 4), ("glu-module", 4),  # channel i and i + 4 make one output channel
     ("shuffle", 4), ("shuffle-function", 2),  # position j of every group: one unit
-    ("reversed-chunks", 8), ("stacked-chunks", 4)])  # (a sequence the graph made: chunks[::-1])
+    ("reversed-chunks", 8), ("stacked-chunks", 4), ("repeat", 8), ("tile", 8), ("repeat-spatial", 8)])  # (a sequence the graph made: chunks[::-1])
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_channel_ops_keep_their_channels_prunable_and_exact(how, units, capture):
     torch.manual_seed(0)
