@@ -976,12 +976,11 @@ _register(FUNCTION_RULES, (getattr, torch._assert, len, torch.numel, torch._C._g
 _COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
 _register(FUNCTION_RULES, tuple(getattr(operator, op) for op in _COMPARISONS) + (operator.floordiv, operator.mod),
           Rule(analyse=_sizes_or_values))
-_register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _COMPARISONS + (
-    "logical_and", "logical_or", "logical_xor", "remainder", "fmod", "floor_divide")), Rule(analyse=_elementwise))
-_register(METHOD_RULES, _COMPARISONS + ("logical_and", "logical_or", "logical_xor", "remainder", "fmod",
-                                        "floor_divide"), Rule(analyse=_elementwise))
-_register(FUNCTION_RULES, (torch.logical_not,), Rule(analyse=_same))
-METHOD_RULES["logical_not"] = Rule(analyse=_same)
+_VALUE_OPS = _COMPARISONS + ("logical_and", "logical_or", "logical_xor", "remainder", "fmod", "floor_divide")
+_VALUE_OP, _NOT = Rule(analyse=_elementwise), Rule(analyse=_same)
+_register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _VALUE_OPS), _VALUE_OP)
+_register(METHOD_RULES, _VALUE_OPS, _VALUE_OP)
+FUNCTION_RULES[torch.logical_not] = METHOD_RULES["logical_not"] = _NOT
 
 
 def _where(ctx):
@@ -991,8 +990,7 @@ def _where(ctx):
     return _elementwise(ctx)
 
 
-_register(FUNCTION_RULES, (torch.where,), Rule(analyse=_where))
-METHOD_RULES["where"] = Rule(analyse=_where)
+FUNCTION_RULES[torch.where] = METHOD_RULES["where"] = Rule(analyse=_where)
 _register(METHOD_RULES, ("size", "dim", "numel", "ndimension", "nelement", "get_device"), Rule(analyse=_metadata))
 METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 
@@ -1176,7 +1174,8 @@ def _flip(ctx):
     return Layout(_owned(ids), lay.dim)
 
 
-_register(FUNCTION_RULES, (torch.flip, torch.fliplr, torch.flipud), Rule(analyse=_flip, linear=True))
+_FLIP = Rule(analyse=_flip, linear=True)
+_register(FUNCTION_RULES, (torch.flip, torch.fliplr, torch.flipud), _FLIP)
 
 
 def _repeat(ctx):
@@ -1194,8 +1193,9 @@ def _repeat(ctx):
     return Layout(_owned(ids), None if lay.dim is None else lay.dim + nd - lay.ids.ndim)
 
 
-_register(FUNCTION_RULES, (torch.tile,), Rule(analyse=_repeat, linear=True))
-_register(METHOD_RULES, ("repeat", "tile"), Rule(analyse=_repeat, linear=True))
+_REPEAT = Rule(analyse=_repeat, linear=True)
+_register(FUNCTION_RULES, (torch.tile,), _REPEAT)
+_register(METHOD_RULES, ("repeat", "tile"), _REPEAT)
 
 
 def _cumulative(ctx):
@@ -1241,8 +1241,7 @@ _GLU, _SHUFFLE = Rule(analyse=_glu, nonlinear=True), Rule(analyse=_channel_shuff
 _register(MODULE_RULES, (nn.GLU,), _GLU)
 _register(FUNCTION_RULES, (F.glu,), _GLU)
 _register(MODULE_RULES, (nn.ChannelShuffle,), _SHUFFLE)
-_register(FUNCTION_RULES, tuple(f for f in (getattr(F, "channel_shuffle", None), getattr(torch, "channel_shuffle", None),
-                                            getattr(torch, "native_channel_shuffle", None)) if f is not None), _SHUFFLE)
+_register(FUNCTION_RULES, (torch.channel_shuffle, torch.native_channel_shuffle), _SHUFFLE)
 _register(FUNCTION_RULES, (torch.addcmul, torch.addcdiv), Rule(analyse=lambda ctx: _elementwise(ctx)))
 _register(METHOD_RULES, ("addcmul", "addcdiv"), Rule(analyse=lambda ctx: _elementwise(ctx)))
 
@@ -1261,7 +1260,7 @@ def _reshape_as(ctx):
 
 _register(METHOD_RULES, ("reshape_as", "view_as"), Rule(analyse=_reshape_as, linear=True, alias=True))
 METHOD_RULES["roll"] = Rule(analyse=_roll, linear=True)
-METHOD_RULES["flip"] = Rule(analyse=_flip, linear=True)
+METHOD_RULES["flip"] = _FLIP
 
 
 def _created_like(ctx):
@@ -1348,8 +1347,12 @@ _register(MODULE_RULES, (nn.RNN, nn.LSTM, nn.GRU), Rule(
 # --------------------------------------------------------------------------- pixel shuffle
 def _shuffle_factor(ctx) -> int:
     m = ctx.module
-    r = (getattr(m, "upscale_factor", None) or getattr(m, "downscale_factor", None) if m is not None
-         else ctx.arg(1, "upscale_factor", ctx.node.kwargs.get("downscale_factor")))
+    if isinstance(m, nn.PixelShuffle):
+        r = m.upscale_factor
+    elif isinstance(m, nn.PixelUnshuffle):
+        r = m.downscale_factor
+    else:  # pixel_shuffle(x, upscale_factor) / pixel_unshuffle(x, downscale_factor)
+        r = ctx.arg(1, "upscale_factor", ctx.node.kwargs.get("downscale_factor"))
     if not isinstance(r, int):
         raise Unsupported("a pixel shuffle whose factor is computed at run time")
     return r
@@ -1376,8 +1379,8 @@ def _pixel_unshuffle(ctx):
 _PIXEL_SHUFFLE, _PIXEL_UNSHUFFLE = Rule(analyse=_pixel_shuffle, linear=True), Rule(analyse=_pixel_unshuffle, linear=True)
 _register(MODULE_RULES, (nn.PixelShuffle,), _PIXEL_SHUFFLE)
 _register(MODULE_RULES, (nn.PixelUnshuffle,), _PIXEL_UNSHUFFLE)
-_register(FUNCTION_RULES, (F.pixel_shuffle, torch.pixel_shuffle, aten.pixel_shuffle.default), _PIXEL_SHUFFLE)
-_register(FUNCTION_RULES, (F.pixel_unshuffle, torch.pixel_unshuffle, aten.pixel_unshuffle.default), _PIXEL_UNSHUFFLE)
+_register(FUNCTION_RULES, (torch.pixel_shuffle, aten.pixel_shuffle.default), _PIXEL_SHUFFLE)  # (F's is torch's)
+_register(FUNCTION_RULES, (torch.pixel_unshuffle, aten.pixel_unshuffle.default), _PIXEL_UNSHUFFLE)
 
 
 # --------------------------------------------------------------------------- ATen overloads
@@ -1421,16 +1424,16 @@ _aten("expand_as", METHOD_RULES["expand_as"])
 _aten("cat", Rule(analyse=_cat))
 _aten("stack", Rule(analyse=_stack))
 _aten("roll", Rule(analyse=_roll, linear=True))
-_aten("flip", Rule(analyse=_flip, linear=True))
+_aten("flip", _FLIP)
 _aten("cumsum", _CUMSUM)
-_aten("repeat tile", Rule(analyse=_repeat, linear=True))
+_aten("repeat tile", _REPEAT)
 _aten("cumprod logcumsumexp", _CUMULATIVE)
 _aten("glu", _GLU)
 _aten("channel_shuffle native_channel_shuffle", _SHUFFLE)
 _aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor le.Scalar le.Tensor gt.Scalar gt.Tensor "
       "ge.Scalar ge.Tensor logical_and logical_or logical_xor remainder.Scalar remainder.Tensor fmod.Scalar "
-      "fmod.Tensor floor_divide", Rule(analyse=_elementwise))
-_aten("logical_not", Rule(analyse=_same))
+      "fmod.Tensor floor_divide", _VALUE_OP)
+_aten("logical_not", _NOT)
 _aten("clamp.Tensor clamp_min.Tensor clamp_max.Tensor", Rule(analyse=_elementwise, nonlinear=True))
 _aten("where.self where.ScalarOther where.ScalarSelf where.Scalar", Rule(analyse=_elementwise))
 _aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))
