@@ -59,7 +59,7 @@ def wrap(model: torch.nn.Module, example_inputs=None, *, channels: bool = True, 
         # do not change, so only nodes it added without them need another run
         if make_out_of_place(gm):
             complete_shapes(gm, example_inputs)
-        original_depth = network_depth(gm)
+        original_depth = network_depth(gm) if add_residuals else None  # None: analyse's own count
         if add_residuals and not _add_residuals(gm):
             warnings.warn(f"add_residuals=True: no layer of {type(model).__name__} preserves its input's shape "
                           f"(equal in/out channels, stride 1) with a nonlinearity, so no shortcut was added; "

@@ -120,13 +120,14 @@ def per_weight_entry(node: fx.Node, modules, batch: int) -> float | None:
 def call_macs(node: fx.Node, modules, batch: int) -> float | None:
     """MACs per example of one conv/linear call or activation product; None for other nodes."""
     per = per_weight_entry(node, modules, batch)
-    return product_macs(node, batch) if per is None else per * modules[node.target].weight.numel()
+    return product_macs(node, batch, modules) if per is None else per * modules[node.target].weight.numel()
 
 
-def product_macs(node: fx.Node, batch: int) -> float | None:
+def product_macs(node: fx.Node, batch: int, modules=None) -> float | None:
     """MACs per example of a product of two activations (matmul, bmm, scaled dot-product
-    attention, two-operand einsum); None for other nodes or where a shape is not known."""
-    if node.op == "call_module" and isinstance(_called(node), AttentionHeads):
+    attention, two-operand einsum); None for other nodes or where a shape is not known.
+    `modules`: the graph module's named_modules, where at hand (else each call is looked up)."""
+    if node.op == "call_module" and isinstance(_called(node, modules), AttentionHeads):
         target = attention_heads  # the layer calls it, with q, k and v first as well
     elif node.op in ("call_function", "call_method"):
         target = node.target
@@ -156,8 +157,10 @@ def product_macs(node: fx.Node, batch: int) -> float | None:
     return None if macs is None else macs / batch
 
 
-def _called(node: fx.Node):
+def _called(node: fx.Node, modules=None):
     """The module a call_module node calls (None where its graph module is not at hand)."""
+    if modules is not None:
+        return modules.get(node.target)
     owner = getattr(node.graph, "owning_module", None)
     try:
         return owner.get_submodule(node.target) if owner is not None else None

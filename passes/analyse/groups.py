@@ -527,7 +527,7 @@ def _unit_costs(gm, modules, module_axes, node_axes, n_units):
             macs.add(ax.units, total / len(ax.units))
     for node in gm.graph.nodes:  # attention's products: a head takes its share with it
         ax = node_axes.get(node.name)
-        total = product_macs(node, batch) if isinstance(ax, Axis) and len(ax.units) else None
+        total = product_macs(node, batch, modules) if isinstance(ax, Axis) and len(ax.units) else None
         if total:
             macs.add(ax.units, product_macs_along(node, ax.dim, total, batch))
     return params.result(n_units), macs.result(n_units)

@@ -3,7 +3,9 @@
 to 0 turns the add into its linear path and removes the branch's layers (the second paper)."""
 from __future__ import annotations
 
+import heapq
 import operator
+from collections import Counter
 
 import networkx as nx
 import torch
@@ -50,6 +52,8 @@ def find_sections(gm: fx.GraphModule, exclude: frozenset[str] = frozenset()
     graph = graph_of(gm)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     live = nx.ancestors(graph, output)  # a dead user (`_` of `x, _ = attn(...)`) is no outside use
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    whole = _GraphFacts(gm, modules, order)
     sections, skipped = {}, {}
     for add in gm.graph.nodes:
         if add.op not in ("call_function", "call_method") or add.target not in _ADDS:
@@ -61,7 +65,7 @@ def find_sections(gm: fx.GraphModule, exclude: frozenset[str] = frozenset()
         if tuple(tensor_meta(a).shape) != tuple(tensor_meta(b).shape):
             skipped.setdefault("residual add whose inputs only match by broadcasting", []).append(add.name)
             continue
-        only = [(nx.ancestors(graph, x) | {x}) - (nx.ancestors(graph, y) | {y}) for x, y in ((a, b), (b, a))]
+        only = exclusive_ancestors(a, b, order)
         linear = [all(is_linear(n, modules) for n in side) for side in only]
         if linear[0] == linear[1]:
             why = "both inputs are nonlinear" if not linear[0] else "both inputs are linear"
@@ -73,7 +77,7 @@ def find_sections(gm: fx.GraphModule, exclude: frozenset[str] = frozenset()
                 u not in nodes and u is not add and u in live for n in nodes for u in n.users):
             skipped.setdefault("residual branch is also used outside the section", []).append(add.name)
             continue
-        section = _section(gm, modules, graph, add, branch_arg, nodes)
+        section = _section(whole, graph, add, branch_arg, nodes)
         if exclude & set(section.modules):
             skipped.setdefault("residual branch holds a module excluded by wrap(exclude=...)", []).append(add.name)
             continue
@@ -81,18 +85,58 @@ def find_sections(gm: fx.GraphModule, exclude: frozenset[str] = frozenset()
     return sections, [Unprunable(reason, names, []) for reason, names in skipped.items()]
 
 
-def _section(gm, modules, graph, add, branch_arg, nodes) -> Section:
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    names = sorted(nodes, key=order.get)
-    layer_modules = {n.target for n in nodes if n.op == "call_module"}
-    used_elsewhere = {n.target for n in gm.graph.nodes if n.op == "call_module" and n not in nodes}
-    own = sorted(layer_modules - used_elsewhere)
-    attrs = {n.target for n in nodes if n.op == "get_attr"} - {
-        n.target for n in gm.graph.nodes if n.op == "get_attr" and n not in nodes}  # e.g. layer scale
+def exclusive_ancestors(a: fx.Node, b: fx.Node, order: dict) -> tuple[set, set]:
+    """(a and its ancestors that are not b's, b and its ancestors that are not a's).
+
+    Walks back from both at once, latest node first, marking each node with the inputs it reaches
+    (1: a, 2: b; final when it is taken, its users all being later), and stops once every open
+    node reaches both: what lies behind those is shared. A residual block costs its own size, not
+    two walks to the graph's input (nx.ancestors), which made the sections pass quadratic."""
+    reach = {a: 1, b: 2} if a is not b else {a: 3}
+    heap = [(-order[n], n.name, n) for n in reach]
+    heapq.heapify(heap)
+    open_partial = sum(r != 3 for r in reach.values())  # open nodes that reach only one side
+    only: tuple[set, set] = (set(), set())
+    while open_partial:
+        _, _, n = heapq.heappop(heap)
+        r = reach[n]
+        if r == 3:
+            continue
+        open_partial -= 1
+        only[r - 1].add(n)
+        for p in n.all_input_nodes:
+            before = reach.get(p)
+            if before is None:
+                reach[p] = r
+                heapq.heappush(heap, (-order[p], p.name, p))
+                open_partial += 1
+            elif before | r != before:
+                reach[p] = 3
+                open_partial -= before != 3  # a partial node that is open turns whole
+    return only
+
+
+class _GraphFacts:
+    """What every section of one graph reads: node order, how often each module and attribute is
+    used, the batch size the costs are divided by."""
+
+    def __init__(self, gm, modules, order):
+        self.gm, self.modules, self.order = gm, modules, order
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        self.batch = graph_batch(gm.graph)
+
+
+def _section(whole: _GraphFacts, graph, add, branch_arg, nodes) -> Section:
+    gm, modules = whole.gm, whole.modules
+    names = sorted(nodes, key=whole.order.get)
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    own = sorted(t for t, k in calls.items() if k == whole.calls[t])  # modules no node outside calls
+    reads = Counter(n.target for n in nodes if n.op == "get_attr")
+    attrs = {t for t, k in reads.items() if k == whole.reads[t]}  # e.g. layer scale
     params = sum(p.numel() for m in own for p in modules[m].parameters()) + sum(
         _attr(gm, t).numel() for t in attrs if isinstance(_attr(gm, t), nn.Parameter))
-    batch = graph_batch(gm.graph)
-    macs = sum(call_macs(n, modules, batch) or 0 for n in nodes)
+    macs = sum(call_macs(n, modules, whole.batch) or 0 for n in nodes)
     sub = graph.subgraph(nodes)
     depth = _layer_depth(sub, modules)
     return Section(f"sec_{add.name}", add.name, branch_arg, [n.name for n in names], own, params, int(macs), depth)
