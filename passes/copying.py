@@ -5,7 +5,8 @@ dozen hook dicts: ~50 us a module, more than cloning its weights costs in a smal
 module whose class copies the default way (no __deepcopy__ or __reduce__ of its own) is rebuilt
 from its __getstate__ as deepcopy would rebuild it, with its empty dicts, numbers and tuples of
 numbers taken as they are; anything else goes to copy.deepcopy with the same memo, so tensors,
-shared submodules and ties come out as deepcopy makes them.
+shared submodules and ties come out as deepcopy makes them. One difference: a non-leaf tensor held
+as a plain attribute (which deepcopy refuses) is copied as its value.
 """
 from __future__ import annotations
 
@@ -64,6 +65,13 @@ def _copy_value(value, memo):
     kind = type(value)
     if kind in _ATOMIC:
         return value
+    if isinstance(value, torch.Tensor) and not value.is_leaf:
+        # a value computed from parameters and kept on the module (the deprecated weight_norm's
+        # `weight`, which its hook recomputes at every call): deepcopy refuses a non-leaf tensor,
+        # and a copy needs only its value
+        if id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
+        return memo[id(value)]
     if kind in _EMPTY_MADE_NEW and not value:
         return kind()
     if kind is tuple and all(type(v) in _ATOMIC for v in value):

@@ -1092,8 +1092,14 @@ class _Reparametrized(nn.Module):
         return self.head(torch.relu(self.c(y)))
 
 
+def _weight_normed(m: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _WeightNorm
+    return parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], _WeightNorm)
+
+
 @torch.no_grad()
-def test_weight_and_spectral_norm_layers_are_baked_and_shrink_exactly():
+def test_weight_and_spectral_norm_layers_shrink_exactly_weight_norm_kept():
     from torch.nn.utils import parametrize
     x = torch.randn(2, 3, 8, 8)
     gm = wrap(_Reparametrized(), x)
@@ -1102,8 +1108,10 @@ def test_weight_and_spectral_norm_layers_are_baked_and_shrink_exactly():
     check_invariant(gm, x)  # (assert_invariant: the gated model keeps its parametrizations, unchanged)
     random_hard_gates(gm, p=0.5, seed=0)
     small = vpsurgery.shrink(gm)
-    assert not any(parametrize.is_parametrized(small.get_submodule(n)) for n in ("a", "b", "c"))
-    assert type(small.get_submodule("a")) is nn.Conv2d and small.get_submodule("a").out_channels < 12
+    a, b, c = (small.get_submodule(n) for n in ("a", "b", "c"))
+    assert _weight_normed(a) and _weight_normed(c)  # weight_norm again, over the sliced weight
+    assert a.out_channels < 12 and a.parametrizations.weight.original1.shape[0] == a.out_channels
+    assert type(b) is nn.Conv2d and not parametrize.is_parametrized(b)  # spectral_norm: baked
     assert all(parametrize.is_parametrized(gm.get_submodule(n)) for n in ("a", "b", "c"))
     # a fractional theta folds into a baked weight (a parametrized consumer)
     for gate in vpsurgery.gates(gm).values():
@@ -1124,11 +1132,57 @@ def test_an_optimizer_goes_on_with_a_baked_weight():
     result = shrink_to(gm, Decision(units=frozenset(int(u) for u in a_units[:3])))
     carry_optimizer(opt, gm, result)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert id(result.model.get_submodule("a").weight) in held  # baked: trained on
+    new_a = result.model.get_submodule("a")
+    assert all(id(p) in held and p not in opt.state for p in new_a.parametrizations.weight.parameters())
     assert all(id(p) in held for p in result.model.parameters())
     assert not any(id(p) in held for p in gm.get_submodule("a").parametrizations.weight.parameters())
-    assert [k for k, v in result.baked.items() if v == "a.weight"] == [
-        "a.parametrizations.weight.original0", "a.parametrizations.weight.original1"]  # weight_norm's g and v
+    originals = ["a.parametrizations.weight.original0", "a.parametrizations.weight.original1"]  # g and v
+    assert [result.baked[k] for k in originals] == originals  # new g and v under the old names
+    result.model.train()
+    result.model(x).sum().backward()
+    opt.step()  # trains on: fresh state for the new g and v, the rest carried
+    assert new_a.parametrizations.weight.original0.grad is not None
+
+
+class _HookWeightNorm(nn.Module):
+    """The deprecated torch.nn.utils.weight_norm (a forward pre-hook), as much published code has it."""
+
+    def __init__(self):
+        super().__init__()
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.a = nn.utils.weight_norm(nn.Conv1d(2, 16, 3, padding=1))
+            self.b = nn.utils.weight_norm(nn.Conv1d(16, 16, 3, padding=1), dim=None)
+        self.c = nn.Conv1d(16, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_deprecated_hook_weight_norm_becomes_a_parametrization_on_the_same_g_and_v(inplace):
+    torch.manual_seed(0)
+    model = _HookWeightNorm().eval()
+    x = torch.randn(2, 2, 20)
+    with torch.no_grad():
+        want = model(x)
+    g = model.a.weight_g
+    gm = vpsurgery.wrap(model, (x,), inplace=inplace)  # copying: deepcopy refuses the hook's non-leaf weight
+    a = gm.get_submodule("a")
+    assert _weight_normed(a) and _weight_normed(gm.get_submodule("b"))
+    assert (a.parametrizations.weight.original0 is g) == inplace  # in place: the user's own g and v
+    with torch.no_grad():
+        assert rel_err(gm(x), want) <= 1e-6
+    assert group_of(gm, "a") is not None and group_of(gm, "b") is not None
+    random_hard_gates(gm, p=0.5, seed=1)
+    with torch.no_grad():
+        ref = gm(x)
+        small = vpsurgery.shrink(gm)
+        assert rel_err(small(x), ref) <= 1e-5
+    assert small.get_submodule("a").out_channels < 16 and _weight_normed(small.get_submodule("a"))
+    if not inplace:
+        assert hasattr(model.a, "weight_g") and model.a.weight_g is g  # the user's model is untouched
 
 
 class _Flips(nn.Module):

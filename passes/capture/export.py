@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 
 from ..codegen import recompile
 from ..copying import copy_module
+from .weight_norm import modernize_weight_norm
 from .trace import TraceError
 
 aten = torch.ops.aten
@@ -75,6 +76,7 @@ def _batched(example: tuple) -> tuple:
 def export_graph(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """A copy of `model` captured by torch.export as a GraphModule (shapes not yet propagated)."""
     model = copy_module(model).eval()
+    modernize_weight_norm(model)
     example = _batched(tuple(example_inputs))
     dynamic = tuple({0: torch.export.Dim.AUTO} if torch.is_tensor(x) and x.ndim else None for x in example)
     try:

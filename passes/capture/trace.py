@@ -13,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..copying import copy_module
+from .weight_norm import modernize_weight_norm
 from ..rules import MODULE_RULES
 
 
@@ -116,6 +117,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules=(), concr
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = _as_tuple(default_example(model) if example_inputs is None else example_inputs)
     model = model if inplace else copy_module(model)
+    modernize_weight_norm(model)
     tracer = SurgeryTracer(leaf_modules)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:  # the inference fast path of nn.Transformer* layers branches on tensor properties

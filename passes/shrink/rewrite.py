@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from ..capture.trace import evaluating, is_tensor_meta, tensor_meta
 from ..capture.inplace import is_inplace, may_alias
@@ -72,7 +73,7 @@ class ShrinkResult:
     plan: Plan
     slices: dict[str, dict[int, torch.Tensor]]  # parameter name -> {dim: kept indices}, for optimizer state
     kept_anyway: frozenset[int]  # decided units kept so that no tensor is empty (their weights read 0)
-    baked: dict[str, str]  # parametrization original -> the plain parameter that replaced it (see _bake)
+    baked: dict[str, str]  # parametrization original -> the new parameter that took its place (_bake)
 
 
 def shrink_to(gated: fx.GraphModule, decision: Decision, *, keep_gates: bool = False,
@@ -122,7 +123,8 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
         theta[u] = 0.0  # so its consumers read it with zero weight (not with its sub-threshold theta)
     gone = removed_mask(removed_units)  # what Axis.keep reads fastest
 
-    _slice_modules(gm, plan, gone, slices, stage, baked)
+    renorm: dict[str, list[tuple[str, int]]] = {}  # baked layers that were weight_norm'ed: (weight, dim)
+    _slice_modules(gm, plan, gone, slices, stage, baked, renorm)
     stage[0] = "slicing parameters"
     _slice_params(gm, plan, gone, slices)
     if not inplace:
@@ -134,7 +136,8 @@ def _shrink(gated, plan, keep_gates, removed_units, removed_sections, slices, st
     if keep_gates:
         _slice_gates(gm, plan, new_plan, removed_units, slices)
     else:
-        _fold_gates(gm, plan, new_plan, gone, theta, baked)
+        _fold_gates(gm, plan, new_plan, gone, theta, baked, renorm)
+    _weight_norm_again(gm, renorm, baked)
 
     stage[0] = "removing dead code"
     eliminate_dead_code(gm)
@@ -256,13 +259,14 @@ def _keep_tensors_nonempty(plan, alive, removed, theta) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------- slicing
-def _bake(gm, target: str, baked: dict[str, str]) -> nn.Module:
+def _bake(gm, target: str, baked: dict[str, str], renorm: dict) -> nn.Module:
     """Module `target` of `gm` as a module of its own class holding, as plain parameters, the tensors
     its parametrizations (weight_norm, spectral_norm) compute now (in eval mode: spectral_norm's
     power iteration does not run), under every name it has in `gm`. Slicing a computed weight's
     parts (weight_norm's direction, whose norm runs over every input channel) or scaling one would
     change what it computes; its value can be sliced and scaled exactly. The originals' names map
-    to the new parameter's in `baked` (an optimizer carries on with it, without their state)."""
+    to the new parameter's in `baked` (an optimizer carries on with it, without their state); a
+    weight that weight_norm alone computed is listed in `renorm`, to be weight_norm'ed again."""
     module = gm.get_submodule(target)
     cls = parametrize.type_before_parametrizations(module)
     plain = cls.__new__(cls)
@@ -271,6 +275,8 @@ def _bake(gm, target: str, baked: dict[str, str]) -> nn.Module:
     plain._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
     with evaluating(module), torch.no_grad():
         for pname, originals in module.parametrizations.items():
+            if len(originals) == 1 and isinstance(originals[0], _WeightNorm):
+                renorm.setdefault(target, []).append((pname, originals[0].dim))
             value = getattr(module, pname).detach().clone()  # (a parametrization may return its original)
             grad = any(p.requires_grad for p in originals.parameters())
             plain._parameters[pname] = nn.Parameter(value, requires_grad=grad)
@@ -283,7 +289,22 @@ def _bake(gm, target: str, baked: dict[str, str]) -> nn.Module:
     return plain
 
 
-def _slice_modules(gm, plan, removed, slices, stage, baked):
+def _weight_norm_again(gm, renorm: dict, baked: dict[str, str]) -> None:
+    """weight_norm each layer `_bake` took it from again, over its sliced (and scaled) weight: g is
+    that weight's norm and v the weight, so the layer computes it (to rounding) and trains on
+    reparametrized. (spectral_norm is not restored: the sliced weight's spectral norm differs, so
+    it would compute another weight.) New g and v start without optimizer state."""
+    for target, norms in renorm.items():
+        module = gm.get_submodule(target)
+        for pname, dim in norms:
+            frozen = not getattr(module, pname).requires_grad
+            parametrizations.weight_norm(module, pname, dim=dim)
+            for oname, p in module.parametrizations[pname].named_parameters():
+                p.requires_grad_(not frozen)
+                baked[f"{target}.parametrizations.{pname}.{oname}"] = f"{target}.parametrizations.{pname}.{oname}"
+
+
+def _slice_modules(gm, plan, removed, slices, stage, baked, renorm):
     """Slice, in place, the modules of `gm` whose channels go (gm's own: a copy that still shares
     gated's tensors, or gated itself when shrinking in place); their tensors are replaced, never
     written into (a copying shrink's gated model still holds them)."""
@@ -307,7 +328,7 @@ def _slice_modules(gm, plan, removed, slices, stage, baked):
                                   f"would keep different channels; please report it")
             continue
         if parametrize.is_parametrized(module):
-            module = _bake(gm, node.target, baked)
+            module = _bake(gm, node.target, baked, renorm)
             modules = dict(gm.named_modules(remove_duplicate=False))
         sliced[id(module)] = keep
         rule = module_rule(module)
@@ -546,7 +567,7 @@ def _internal(e: Exception, doing: str) -> "ShrinkError":
 
 
 # ---------------------------------------------------------------------------------- gates
-def _fold_gates(gm, plan, new_plan, removed, theta, baked):
+def _fold_gates(gm, plan, new_plan, removed, theta, baked, renorm):
     """Drop gates and masks, folding each kept unit's theta into the weights that read it."""
     nodes = {n.name: n for n in gm.graph.nodes}
     mask_nodes = _nodes_calling(gm, MASKS)
@@ -566,7 +587,7 @@ def _fold_gates(gm, plan, new_plan, removed, theta, baked):
             scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
             module = gm.get_submodule(consumer.target)
             if parametrize.is_parametrized(module) and not torch.all(scale == 1):
-                module = _bake(gm, consumer.target, baked)  # a computed weight cannot be scaled in place
+                module = _bake(gm, consumer.target, baked, renorm)  # a computed weight cannot be scaled in place
             weight = getattr(module, "weight", None)
             key = id(weight) if weight is not None else id(module)  # (an LSTM has no `weight`)
             if key in weights:

@@ -507,7 +507,8 @@ def carry_optimizer(optimizer: torch.optim.Optimizer, old_gm: fx.GraphModule, sh
     """Point `optimizer` (in place) at the shrunk model's parameters, matched by name, with its
     per-parameter state sliced as shrink sliced the parameter (shrunk.slices); parameters of removed
     structures leave it; parameters that are not old_gm's stay as they are. A weight that shrink
-    baked out of its parametrization (weight_norm) takes its originals' place, with fresh state."""
+    baked out of its parametrization (spectral_norm), or weight_norm'ed again (its new g and v),
+    takes its originals' place, with fresh state."""
     new_gm, slices = shrunk.model, shrunk.slices
     added = set()
     old_names = {id(p): name for name, p in old_gm.named_parameters()}
@@ -522,13 +523,13 @@ def carry_optimizer(optimizer: torch.optim.Optimizer, old_gm: fx.GraphModule, sh
                 if p in optimizer.state:
                     state[p] = optimizer.state[p]
                 continue
-            q = new_params.get(name)
-            if q is None and name in shrunk.baked:
+            if name in shrunk.baked:  # a new parameter (even under the old name: weight_norm again)
                 q = new_params.get(shrunk.baked[name])
                 if q is not None and id(q) not in added:
                     added.add(id(q))
                     params.append(q)
                 continue
+            q = new_params.get(name)
             if q is None:
                 continue  # removed with its structure
             params.append(q)
