@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import itertools
 import numbers
 import operator
+import warnings
 
 import numpy as np
 import torch
@@ -277,6 +278,12 @@ def _bake(gm, target: str, baked: dict[str, str], renorm: dict) -> nn.Module:
         for pname, originals in module.parametrizations.items():
             if len(originals) == 1 and isinstance(originals[0], _WeightNorm):
                 renorm.setdefault(target, []).append((pname, originals[0].dim))
+            else:
+                kinds = ", ".join(type(p).__name__.lstrip("_") for p in originals)
+                warnings.warn(f"shrink: layer '{target}' has its {pname} computed by {kinds}; it becomes a plain "
+                              f"parameter holding the value computed now (slicing it changes what {kinds} would "
+                              f"compute, so the parametrization cannot stay exactly); to train it parametrized, "
+                              f"register {kinds} on the shrunk layer again (which changes its output)", stacklevel=2)
             value = getattr(module, pname).detach().clone()  # (a parametrization may return its original)
             grad = any(p.requires_grad for p in originals.parameters())
             plain._parameters[pname] = nn.Parameter(value, requires_grad=grad)
