@@ -311,9 +311,19 @@ def _conv_analyse(ctx, spatial: int):
     out = ctx.axis("out", m.out_channels, producer=True)
     ctx.space.union(along(ctx, x, cdim), inp)
     g = m.groups
-    if g > 1:
-        # Only whole groups can go, or the conv would become invalid: each group's in and out
-        # channels form one unit.
+    if g > 1 and by_position(m):
+        # Position k of every group is one unit, on each side: the conv keeps its g groups, each
+        # narrower. The weight's per-group dim holds one group's positions (`ctx.axis` "group_in"
+        # / "group_out" for a transposed conv's out side).
+        cin, cout = m.in_channels // g, m.out_channels // g
+        ctx.space.union_rows(inp.reshape(g, cin).T)
+        ctx.space.union_rows(out.reshape(g, cout).T)
+        local = ("group_out", out[:cout]) if m.transposed else ("group_in", inp[:cin])
+        ctx.space.union(ctx.axis(local[0], len(local[1])), local[1])
+        ctx.consume(0, cdim)
+    elif g > 1:
+        # Whole groups go, or the conv would become invalid: each group's in and out channels form
+        # one unit.
         cin, cout = m.in_channels // g, m.out_channels // g
         ctx.space.union_rows(np.concatenate([inp.reshape(g, cin), out.reshape(g, cout)], axis=1))  # row j: group j
     else:
@@ -321,27 +331,37 @@ def _conv_analyse(ctx, spatial: int):
     return channel_layout(out, len(ctx.out_shape), cdim)
 
 
+def by_position(m) -> bool:
+    """Do a grouped conv's units run across its groups (position k of every group) rather than
+    being whole groups? Whichever gives more units: both keep the conv valid and are exact, and
+    the finer one lets more go (a split-attention conv of 2 wide groups whose halves are summed
+    later, a RegNet stage of few groups; a depthwise or ResNeXt conv keeps whole groups)."""
+    return m.groups > 1 and m.out_channels // m.groups > m.groups
+
+
 def _conv_params(m):
     if m.groups > 1:
-        return {"weight": {0: "out"}, "bias": {0: "out"}}
+        return {"weight": {0: "out", 1: "group_in"} if by_position(m) else {0: "out"}, "bias": {0: "out"}}
     return {"weight": {0: "out", 1: "in"}, "bias": {0: "out"}}
 
 
 def _convT_params(m):
     # ConvTranspose weight is (in, out/groups, k...)
     if m.groups > 1:
-        return {"weight": {0: "in"}, "bias": {0: "out"}}
+        return {"weight": {0: "in", 1: "group_out"} if by_position(m) else {0: "in"}, "bias": {0: "out"}}
     return {"weight": {0: "in", 1: "out"}, "bias": {0: "out"}}
 
 
 def _conv_resize(m, sizes):
-    per_group_in = m.in_channels // m.groups
-    m.groups = sizes["in"] // per_group_in if m.groups > 1 else 1
+    if m.groups > 1 and not by_position(m):  # whole groups went
+        m.groups = sizes["in"] // (m.in_channels // m.groups)
     m.in_channels, m.out_channels = sizes["in"], sizes["out"]
 
 
 def _fold_weight_dim(d):
     def fold(m, scale):
+        if d == 1 and getattr(m, "groups", 1) > 1:  # a grouped conv's dim 1 holds one group's positions,
+            scale = scale.view(m.groups, -1)[0]  # each one unit with the same position in every group
         shape = [1] * m.weight.ndim
         shape[d] = -1
         with torch.no_grad():
@@ -521,6 +541,10 @@ _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
                       torchvision.ops.stochastic_depth)
 _ACTIVATION_METHODS = ("relu", "sigmoid", "tanh", "exp", "log", "abs", "sqrt", "rsqrt", "square", "clamp", "clip",
                        "erf")
+# elementwise maths: each output element from its own input element (values, not channels, change)
+_MATH_UNARY = ("sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "expm1",
+               "log1p", "log2", "log10", "exp2", "reciprocal", "sign", "sgn", "floor", "ceil", "round", "trunc",
+               "frac", "erfc", "erfinv", "lgamma", "digamma", "logit", "sinc", "nan_to_num", "deg2rad", "rad2deg")
 _CAST_METHODS = ("contiguous", "detach", "float", "half", "bfloat16", "double", "to", "type_as")  # may return self
 
 _activation = Rule(analyse=_same, nonlinear=True)
@@ -529,6 +553,8 @@ _register(MODULE_RULES, _ACTIVATION_MODULES, _activation)
 MODULE_RULES[nn.Identity] = Rule(analyse=_same, linear=True, alias=True)
 _register(MODULE_RULES, _DROPOUT_MODULES, _dropout)
 _register(FUNCTION_RULES, _ACTIVATION_FUNCTIONS, _activation)
+_register(FUNCTION_RULES, [getattr(torch, name) for name in _MATH_UNARY if hasattr(torch, name)], _activation)
+_register(METHOD_RULES, _MATH_UNARY + tuple(m + "_" for m in _MATH_UNARY), _activation)
 _register(FUNCTION_RULES, _DROPOUT_FUNCTIONS, _dropout)
 _register(FUNCTION_RULES, (torch.neg, operator.neg, operator.pos), Rule(analyse=_same, linear=True))
 _register(METHOD_RULES, _ACTIVATION_METHODS + tuple(m + "_" for m in _ACTIVATION_METHODS), _activation)
@@ -1398,6 +1424,7 @@ def _aten(table_key: str, rule: Rule) -> None:
 _aten("relu relu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ silu silu_ gelu gelu_ "
       "hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ mish mish_ softplus clamp clamp_ clamp_min clamp_min_ "
       "clamp_max clamp_max_ exp log abs sqrt rsqrt erf", _activation)
+_aten(" ".join(name + tail for name in _MATH_UNARY for tail in ("", "_")), _activation)
 _aten("neg", Rule(analyse=_same, linear=True))
 _aten("clone detach alias contiguous _to_copy to.dtype to.dtype_layout to.device type_as",
       Rule(analyse=_same, linear=True, alias=True))

@@ -291,11 +291,11 @@ def test_layernorm_over_spatial_dim_does_not_pin():
 
 # ------------------------------------------------------------------------------------------ grouped conv
 class Grouped(nn.Module):
-    def __init__(self, groups, out):
+    def __init__(self, groups, out, transposed=False):
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 1)
         self.bn = nn.BatchNorm2d(out)
-        self.g = nn.Conv2d(8, out, 3, padding=1, groups=groups)
+        self.g = (nn.ConvTranspose2d if transposed else nn.Conv2d)(8, out, 3, padding=1, groups=groups)
         self.c3 = nn.Conv2d(out, 4, 1)
         self.head = Head(4)
 
@@ -303,7 +303,7 @@ class Grouped(nn.Module):
         return self.head(self.c3(F.relu(self.bn(self.g(F.relu(self.c1(x)))))))
 
 
-@pytest.mark.parametrize("groups,out,units", [(4, 8, 4), (2, 6, 2), (8, 8, 8), (8, 16, 8)],
+@pytest.mark.parametrize("groups,out,units", [(4, 8, 4), (4, 12, 4), (8, 8, 8), (8, 16, 8)],
                          ids=["grouped", "grouped-uneven", "depthwise", "depthwise-x2"])
 def test_grouped_and_depthwise_conv_whole_groups(groups, out, units):
     gm = wrap(Grouped(groups, out), X)
@@ -320,6 +320,27 @@ def test_grouped_and_depthwise_conv_whole_groups(groups, out, units):
     shrunk = vpsurgery.shrink(gm)
     assert shrunk.g.groups == groups - groups // 2
     assert shrunk.g.in_channels == cin * shrunk.g.groups and shrunk.g.out_channels == cout * shrunk.g.groups
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_conv_of_few_wide_groups_loses_one_position_of_every_group(transposed):
+    """2 groups of 4 in and 6 out channels: whole groups would be 2 units, positions across the
+    groups are 4 (in) and 6 (out): the finer choice, and the groups stay 2, narrower."""
+    gm = wrap(Grouped(2, 12, transposed), X)
+    plan = vpsurgery.plan(gm)
+    assert group_of(gm, "c1") is not group_of(gm, "g")  # the conv mixes its inputs: in and out apart
+    assert len(group_of(gm, "c1").units) == 4 and len(group_of(gm, "g").units) == 6
+    in_units, out_units = plan.module_axes["g"]["in"].units, plan.module_axes["g"]["out"].units
+    assert list(in_units[:4]) == list(in_units[4:]) and len(set(in_units[:4].tolist())) == 4
+    assert list(out_units[:6]) == list(out_units[6:]) and len(set(out_units[:6].tolist())) == 6
+    check_invariant(gm, X)
+    random_hard_gates(gm, p=0.5, seed=0)
+    shrunk = vpsurgery.shrink(gm)
+    assert shrunk.g.groups == 2 and (shrunk.g.in_channels, shrunk.g.out_channels) == (4, 6)
+    for g in vpsurgery.gates(gm).values():  # fractional theta folds into the grouped weight
+        g.set(torch.where(g.theta > 0, torch.rand(g.theta.shape) * 0.5 + 0.5, g.theta.detach()))
+    with torch.no_grad():
+        assert rel_err(vpsurgery.shrink(gm)(X), gm.eval()(X)) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------ shuffle
@@ -1249,4 +1270,35 @@ def test_channel_ops_keep_their_channels_prunable_and_exact(how, units, capture)
     assert vpsurgery.plan(gm).capture == capture
     group = group_of(gm, "a")
     assert group is not None and len(group.units) == units, vpsurgery.plan(gm).unprunable
+    check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ elementwise maths
+class _Maths(nn.Module):
+    """Elementwise maths between two convs, as torch functions, Tensor methods and in place."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.head = Head(4)
+
+    def forward(self, x):
+        y = torch.tanh(self.a(x))
+        if self.how == "functions":
+            y = torch.sin(y) + torch.cos(y) * torch.log1p(y.abs()) + torch.floor(y * 3) + torch.reciprocal(y.exp())
+        elif self.how == "methods":
+            y = y.sin().atan() + y.sign() * y.expm1() + y.clone().cos_()
+        else:  # positional features of a grid, as XCiT and NeRF-style encodings compute them
+            grid = torch.arange(y.shape[-1], dtype=y.dtype, device=y.device) / y.shape[-1]
+            y = y + torch.sin(grid * 3.14) + torch.cos(grid).view(1, 1, 1, -1)
+        return self.head(self.b(y))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("how", ["functions", "methods", "constants"])
+def test_elementwise_maths_keeps_channels_where_they_are(how, capture):
+    gm = vpsurgery.wrap(_Maths(how).eval(), (X,), capture=capture)
+    assert group_of(gm, "a") is not None and len(group_of(gm, "a").units) == 8
+    assert not any("no channel rule" in u.reason for u in vpsurgery.plan(gm).unprunable)
     check_invariant(gm, X)

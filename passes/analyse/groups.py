@@ -12,7 +12,7 @@ import torch.fx as fx
 from ..channels import ChannelSpace, Layout
 from ..capture.trace import is_tensor_meta, tensor_meta
 from ..plan import Axis, ChannelGroup, MaskSite, Plan, Unprunable
-from ..rules import CallArgs, Unsupported, lookup, module_rule, size_deps
+from ..rules import CallArgs, Unsupported, by_position, lookup, module_rule, size_deps
 from .cost import call_macs, graph_batch, product_macs, product_macs_along
 
 MAX_PARAM_IDS = 1 << 18  # a parameter read as a tensor gets one id per element; cap the cost (a ViT-B position table is 151k)
@@ -522,7 +522,7 @@ def _unit_costs(gm, modules, module_axes, node_axes, n_units):
             continue
         for axis_name in ("in", "out"):
             ax = module_axes[node.target].get(axis_name)
-            if ax is None or (axis_name == "in" and getattr(m, "groups", 1) > 1):
+            if ax is None or (axis_name == "in" and getattr(m, "groups", 1) > 1 and not by_position(m)):
                 continue
             macs.add(ax.units, total / len(ax.units))
     for node in gm.graph.nodes:  # attention's products: a head takes its share with it
