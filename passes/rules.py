@@ -646,11 +646,12 @@ FUNCTION_RULES[F.interpolate] = Rule(analyse=_interpolate)
 
 
 def _pad(ctx):
-    """F.pad: channels pass through dims it does not pad; padding the channel dim adds positions
-    that belong to no channel, so those channels stay."""
+    """F.pad and the padding modules (ZeroPad2d, ReflectionPad2d, ...; `padding` pads the last dims
+    as F.pad's `pad` does, whatever the mode): channels pass through dims it does not pad; padding
+    the channel dim adds positions that belong to no channel, so those channels stay."""
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
-    pad = ctx.arg(1, "pad")
+    pad = ctx.module.padding if ctx.module is not None else ctx.arg(1, "pad")
     if not isinstance(pad, (tuple, list)) or len(ctx.out_shape) != ndim:
         raise Unsupported("pad with computed pad sizes")
     for i in range(len(pad) // 2):
@@ -661,7 +662,11 @@ def _pad(ctx):
     return lay
 
 
-FUNCTION_RULES[F.pad] = Rule(analyse=_pad)
+_PAD_RULE = Rule(analyse=_pad, linear=True)  # constant, reflected or repeated positions: affine
+FUNCTION_RULES[F.pad] = _PAD_RULE
+_register(MODULE_RULES, [getattr(nn, f"{kind}Pad{d}d") for kind in ("Zero", "Constant", "Reflection",
+                                                                     "Replication", "Circular")
+                         for d in (1, 2, 3) if hasattr(nn, f"{kind}Pad{d}d")], _PAD_RULE)
 
 
 def _reduction(ctx, at: int = 1):
@@ -1007,6 +1012,13 @@ _VALUE_OP, _NOT = Rule(analyse=_elementwise), Rule(analyse=_same)
 _register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _VALUE_OPS), _VALUE_OP)
 _register(METHOD_RULES, _VALUE_OPS, _VALUE_OP)
 FUNCTION_RULES[torch.logical_not] = METHOD_RULES["logical_not"] = _NOT
+# bitwise ops: on masks (`valid & ~padded`), elementwise; on Python ints, sizes
+_register(FUNCTION_RULES, (operator.and_, operator.or_, operator.xor), Rule(analyse=_sizes_or_values))
+FUNCTION_RULES[operator.invert] = Rule(analyse=lambda ctx: _same(ctx) if ctx.out_is_tensor else _metadata(ctx))
+_BITWISE = ("bitwise_and", "bitwise_or", "bitwise_xor")
+_register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _BITWISE), _VALUE_OP)
+_register(METHOD_RULES, _BITWISE + ("__and__", "__or__", "__xor__"), _VALUE_OP)
+FUNCTION_RULES[torch.bitwise_not] = METHOD_RULES["bitwise_not"] = _NOT
 
 
 def _where(ctx):
@@ -1438,7 +1450,7 @@ for _spatial in (1, 2, 3):
         analyse=lambda ctx, s=_spatial: _spatial_only(ctx, s, "pooling"), linear=True))
 _aten("upsample_nearest2d.vec upsample_bilinear2d.vec upsample_nearest1d.vec upsample_linear1d.vec "
       "upsample_nearest3d.vec upsample_trilinear3d.vec upsample_bicubic2d.vec", Rule(analyse=_interpolate))
-_aten("pad constant_pad_nd", Rule(analyse=_pad))
+_aten("pad constant_pad_nd", _PAD_RULE)
 _aten("mean.dim sum.dim_IntList amax amin", Rule(analyse=_reduction))
 _aten("linalg_vector_norm", FUNCTION_RULES[torch.linalg.vector_norm])
 _aten("softmax.int _softmax log_softmax.int _log_softmax", _softmax_rule)
@@ -1460,7 +1472,9 @@ _aten("channel_shuffle native_channel_shuffle", _SHUFFLE)
 _aten("eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor le.Scalar le.Tensor gt.Scalar gt.Tensor "
       "ge.Scalar ge.Tensor logical_and logical_or logical_xor remainder.Scalar remainder.Tensor fmod.Scalar "
       "fmod.Tensor floor_divide", _VALUE_OP)
-_aten("logical_not", _NOT)
+_aten("logical_not bitwise_not", _NOT)
+_aten("bitwise_and.Tensor bitwise_or.Tensor bitwise_xor.Tensor __and__.Tensor __or__.Tensor __xor__.Tensor", _VALUE_OP)
+_aten(" ".join(f"{kind}_pad{d}d" for kind in ("reflection", "replication") for d in (1, 2, 3)), _PAD_RULE)
 _aten("clamp.Tensor clamp_min.Tensor clamp_max.Tensor", Rule(analyse=_elementwise, nonlinear=True))
 _aten("where.self where.ScalarOther where.ScalarSelf where.Scalar", Rule(analyse=_elementwise))
 _aten("addcmul addcdiv", Rule(analyse=lambda ctx: _elementwise(ctx)))

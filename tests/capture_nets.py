@@ -276,3 +276,25 @@ class BatchOfOneHelperNet(nn.Module):
     def forward(self, x):
         y, _ = windowed_mix(torch.relu(self.stem(x)), self.mix_w, None, 4)
         return self.fc(y.reshape(1, -1))
+
+
+def window_for(size: list, window: list) -> list:
+    """Shrinks `window` in place to fit `size`, as torchvision's Swin3d `_get_window_and_shift_size`
+    does with its lists: generated code passes it plain lists, fx.Interpreter immutable ones."""
+    for i in range(len(window)):
+        if size[i] <= window[i]:
+            window[i] = size[i]
+    return window
+
+
+torch.fx.wrap("window_for")
+
+
+class MutatingHelperNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        k = window_for([x.shape[2], x.shape[3]], [3, 100])
+        return self.b(F.avg_pool2d(torch.relu(self.a(x)), k, stride=1))

@@ -400,3 +400,12 @@ def test_one_recompile_defers_to_the_end_of_the_block_even_when_it_raises():
     node.target = torch.tanh
     recompile(gm)  # outside a block: at once
     assert "tanh" in gm.code
+
+
+def test_a_wrapped_helper_that_mutates_its_list_arguments_runs_in_every_shape_pass():
+    from capture_nets import MutatingHelperNet
+    x = torch.randn(2, 3, 6, 5)
+    gated = vpsurgery.wrap(MutatingHelperNet().eval(), (x,))  # was: 'immutable_list' does not support mutation
+    assert vpsurgery.plan(gated).per_example  # the batch check ran it too
+    random_hard_gates(gated, 0.5, 0)
+    assert_invariant(gated, x)  # and shrink's shape check

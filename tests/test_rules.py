@@ -1302,3 +1302,47 @@ def test_elementwise_maths_keeps_channels_where_they_are(how, capture):
     assert group_of(gm, "a") is not None and len(group_of(gm, "a").units) == 8
     assert not any("no channel rule" in u.reason for u in vpsurgery.plan(gm).unprunable)
     check_invariant(gm, X)
+
+
+# ------------------------------------------------------------------------------------------ padding modules
+class _Padded(nn.Module):
+    """A CycleGAN-style generator block (ReflectionPad2d + conv, a residual), a ZeroPad2d before a
+    strided conv, and a mask built with `&` and `~`."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 8, 7), nn.InstanceNorm2d(8, affine=True),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(8, 12, 3), nn.ReLU(),
+                                   nn.ReplicationPad2d(1), nn.Conv2d(12, 8, 3))
+        self.down = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 10, 3, stride=2))
+        self.head = Head(10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.block(y)
+        keep = (y > 0) & ~(y > 2)
+        return self.head(self.down(torch.where(keep, y, 0.0)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_padding_modules_and_bitwise_masks_keep_channels(capture):
+    gm = vpsurgery.wrap(_Padded().eval(), (X,), capture=capture)
+    plan = vpsurgery.plan(gm)
+    assert not any("no channel rule" in u.reason for u in plan.unprunable), plan.unprunable
+    assert plan.sections  # the generator block is a residual section (the pads are affine)
+    check_invariant(gm, X)
+
+
+def test_a_padding_module_over_the_channel_dim_pins_it():
+    class PadFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.pad, self.b = nn.Linear(6, 8), nn.ConstantPad1d((0, 2), 0.0), nn.Linear(10, 3)
+
+        def forward(self, x):  # (N, 8): Pad1d takes it as unbatched (C=N, W=8) and pads the features
+            return self.b(self.pad(torch.relu(self.a(x))))
+
+    gm = vpsurgery.wrap(PadFeatures().eval(), (torch.randn(4, 6),))
+    assert group_of(gm, "a") is None
+    assert any("pad of the channel dim" in u.reason for u in vpsurgery.plan(gm).unprunable)

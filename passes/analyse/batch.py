@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..capture.trace import evaluating, on_meta, propagate_shapes, slow_to_run
+from ..capture.trace import as_written, evaluating, on_meta, propagate_shapes, slow_to_run
 
 
 def batch_leads(gm: fx.GraphModule, acted_on: list[fx.Node], example_inputs) -> bool:
@@ -41,6 +41,9 @@ class _ShapesOf(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
         super().__init__(gm)
         self.wanted, self.shapes = wanted, {}
+
+    def fetch_args_kwargs_from_env(self, n):
+        return as_written(super().fetch_args_kwargs_from_env(n))
 
     def run_node(self, n):
         out = super().run_node(n)

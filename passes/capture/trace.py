@@ -7,6 +7,7 @@ import time
 
 import torch
 import torch.fx as fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 import torch.utils._pytree as pytree
 import torchvision
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
@@ -165,6 +166,23 @@ def _to_meta(value):
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), value)
 
 
+_CONTAINERS = (immutable_list, immutable_dict, tuple)
+
+
+def as_written(value):
+    """A node's arguments as the generated code passes them: fx.Interpreter hands lists and dicts
+    over as fx's immutable_list/immutable_dict, and a function called on them may mutate its
+    arguments (torchvision's Swin3d `_get_window_and_shift_size` does)."""
+    kind = type(value)
+    if kind is immutable_list:
+        return [as_written(v) for v in value]
+    if kind is immutable_dict:
+        return {k: as_written(v) for k, v in value.items()}
+    if kind is tuple and any(type(v) in _CONTAINERS for v in value):
+        return tuple(as_written(v) for v in value)
+    return value
+
+
 class _ShapeProp(ShapeProp):
     """ShapeProp's records (meta 'tensor_meta' and 'type'), less the memory-format queries (a third
     of a propagation's time; nothing here reads them), and a failure raised as NodeFailure. With
@@ -187,6 +205,9 @@ class _ShapeProp(ShapeProp):
             self.on_meta.enter_context(on_meta(self.module))
             self.switched = True
             self.env = {k: _to_meta(v) for k, v in self.env.items()}
+
+    def fetch_args_kwargs_from_env(self, n):
+        return as_written(super().fetch_args_kwargs_from_env(n))
 
     def run_node(self, n):
         if self._may_switch:
