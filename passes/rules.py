@@ -747,13 +747,55 @@ def _reshape(ctx):
     """Any reshape (view, flatten, unflatten, squeeze, unsqueeze): apply it to the ids."""
     x = ctx.arg(0, "input")
     lay, in_shape, out_shape = ctx.layout_of(x), tuple(ctx.shape_of(x)), tuple(ctx.out_shape)
-    lead = 1 if (in_shape and out_shape and in_shape[0] == out_shape[0] and lay.ids.shape[0] == 1) else 0
-    # The batch dim rarely takes part; keep it unmaterialised when it is carried through unchanged.
-    ids = ctx.space.materialize(Layout(lay.ids, lay.dim), in_shape)
-    ids = ids[:1] if lead else ids
-    target = ((1,) if lead else ()) + out_shape[lead:]
-    ids = ids.reshape(target)
+    ids = reshape_ids(lay.ids, in_shape, out_shape)
     return ctx.normalize(ids, _head_dim(ctx, ids))
+
+
+def reshape_ids(ids: np.ndarray, in_shape: tuple, out_shape: tuple) -> np.ndarray:
+    """`ids` (broadcastable to in_shape) reshaped to out_shape. The dims pair up into groups whose
+    sizes multiply alike (the batch, (T, H, W) -> tokens, C -> (heads, head_dim)); a group along
+    which the ids do not vary stays size 1 (it carries no channel identity), the others are
+    materialised and reshaped. A video transformer's 25k tokens so never become 25k copies of
+    every channel id."""
+    groups = _dim_groups(in_shape, out_shape)
+    if groups is None:  # sizes that do not pair up (a 0-size dim): all of it
+        return np.broadcast_to(ids, in_shape).reshape(out_shape)
+    source, target = list(ids.shape), []
+    for ins, outs in groups:
+        if all(ids.shape[d] == 1 for d in ins):
+            target += [1] * len(outs)
+        else:
+            for d in ins:
+                source[d] = in_shape[d]
+            target += [out_shape[d] for d in outs]
+    return np.broadcast_to(ids, source).reshape(target)
+
+
+def _dim_groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """The shortest runs of dims of `a` and `b` with equal products, in order (size-1 dims join the
+    run before them, or the first); None where a size is 0."""
+    if 0 in a or 0 in b:
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        ins, outs, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ins.append(i)
+                pa *= a[i]
+                i += 1
+            else:
+                outs.append(j)
+                pb *= b[j]
+                j += 1
+        groups.append((ins, outs))
+    rest_a, rest_b = list(range(i, len(a))), list(range(j, len(b)))  # trailing size-1 dims
+    if groups:
+        groups[-1] = (groups[-1][0] + rest_a, groups[-1][1] + rest_b)
+    elif rest_a or rest_b:
+        groups = [(rest_a, rest_b)]
+    return groups
 
 
 _ATTENTION_OPS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", F.scaled_dot_product_attention,

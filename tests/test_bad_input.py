@@ -99,6 +99,18 @@ def test_wrong_example_shape(bad):
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("model,bad,hint", [
+    (lambda: nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 2)), torch.randn(2, 5), "torch.randint(0, 100, (1, 128))"),
+    (lambda: nn.Sequential(nn.Conv3d(3, 4, 3), nn.AdaptiveAvgPool3d(1)), torch.randn(2, 3, 8, 8),
+     "torch.randn(1, 3, 16, 224, 224)"),
+    (lambda: nn.Sequential(nn.Conv1d(2, 4, 3)), torch.randn(2, 3, 8), "torch.randn(1, 2, 224)"),
+], ids=["tokens", "clip", "signal"])
+def test_a_wrong_example_is_told_an_input_of_the_kind_the_model_reads(model, bad, hint):
+    with pytest.raises(vpsurgery.ExampleInputError) as info:
+        vpsurgery.wrap(model().eval(), (bad,))
+    assert f"e.g. example_inputs=({hint},)" in str(info.value)
+
+
 def test_wrong_example_dtype():
     with pytest.raises(vpsurgery.ExampleInputError) as info:
         vpsurgery.wrap(small(), (torch.ones(2, 3, 8, 8, dtype=torch.int64),))

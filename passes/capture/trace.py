@@ -93,8 +93,10 @@ def _composite(m: torch.nn.Module) -> bool:
 
 
 def default_example(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    """A 1x3x224x224 batch, or what the model's first conv/linear layer asks for."""
+    """A 1x3x224x224 batch, or what the model's first conv/linear/embedding layer asks for."""
     for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            return (torch.randint(0, m.num_embeddings, (1, 16)),)
         if isinstance(m, torch.nn.Conv1d):
             return (torch.randn(1, m.in_channels, 224),)
         if isinstance(m, torch.nn.Conv2d):
@@ -288,7 +290,18 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, *, internal: bool = Fal
         raise ExampleInputError(
             f"the example input ({shapes}) does not fit the model: {e.first} (at node '{e.node}'). Pass "
             f"example_inputs with the shape and dtype the model expects, e.g. "
-            f"example_inputs=(torch.randn(1, 3, 224, 224),)") from None
+            f"example_inputs=({_typical_input(gm)},)") from None
+
+
+def _typical_input(model: torch.nn.Module) -> str:
+    """An input of the kind the model's first layer reads, written out (an error's hint): token ids
+    for an embedding, a clip for a 3-d conv, a 224x224 image for a 2-d one."""
+    x = default_example(model)[0]
+    if not x.is_floating_point():
+        vocabulary = next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        return f"torch.randint(0, {vocabulary}, (1, 128))"
+    shape = tuple(x.shape)
+    return f"torch.randn{shape[:2] + (16, 224, 224) if len(shape) == 5 else shape}"
 
 
 SLOW_KEY = "vps_slow_to_run"  # gm.meta: a real run of this graph took over SLOW_NODE_S a node
