@@ -948,8 +948,8 @@ def _split_rewrite(ctx):
 
 
 _split_rule = Rule(analyse=_split, rewrite=_split_rewrite, alias=True)
-_register(FUNCTION_RULES, (torch.split, torch.chunk), _split_rule)
-_register(METHOD_RULES, ("split", "chunk"), _split_rule)
+_register(FUNCTION_RULES, (torch.split, torch.chunk, torch.tensor_split), _split_rule)  # (pieces from the shapes)
+_register(METHOD_RULES, ("split", "chunk", "tensor_split"), _split_rule)
 
 
 def _index_dims(index, ndim):
@@ -1531,7 +1531,7 @@ _aten("matmul bmm", _matmul_rule)
 _aten("einsum", Rule(analyse=_einsum))
 _aten("scaled_dot_product_attention", Rule(analyse=_sdpa, nonlinear=True))
 _aten("unbind.int", Rule(analyse=_unbind, alias=True))
-_aten("split.Tensor split_with_sizes chunk", _split_rule)
+_aten("split.Tensor split_with_sizes chunk tensor_split.sections tensor_split.indices", _split_rule)
 _aten("sym_size.int sym_numel _assert_tensor_metadata _assert_scalar", Rule(analyse=_metadata))
 
 

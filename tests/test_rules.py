@@ -1346,3 +1346,27 @@ def test_a_padding_module_over_the_channel_dim_pins_it():
     gm = vpsurgery.wrap(PadFeatures().eval(), (torch.randn(4, 6),))
     assert group_of(gm, "a") is None
     assert any("pad of the channel dim" in u.reason for u in vpsurgery.plan(gm).unprunable)
+
+
+class _TensorSplit(nn.Module):
+    """tensor_split: a class token off the tokens (MViT), and the channel dim in two halves."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.cls = nn.Linear(6, 8), nn.Parameter(torch.randn(1, 1, 8))
+        self.b, self.c = nn.Linear(4, 5), nn.Linear(4, 5)
+
+    def forward(self, x):  # (N, L, 6)
+        y = torch.cat([self.cls.expand(x.shape[0], -1, -1), torch.relu(self.a(x))], dim=1)
+        token, rest = torch.tensor_split(y, (1,), dim=1)
+        left, right = (rest + token).tensor_split(2, dim=2)
+        return (self.b(left) + self.c(right)).mean(1)
+
+
+def test_tensor_split_along_tokens_and_channels():
+    x = torch.randn(2, 7, 6)
+    gm = vpsurgery.wrap(_TensorSplit().eval(), (x,))
+    assert group_of(gm, "a") is not None and len(group_of(gm, "a").units) == 8
+    check_invariant(gm, x)
+    small = vpsurgery.shrink(gm)
+    assert small.b.in_features < 4 or small.c.in_features < 4  # the halves shrank (explicit sizes now)

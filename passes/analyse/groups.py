@@ -176,7 +176,8 @@ _aten = torch.ops.aten
 _SIZE_CONSUMERS = {"view", "reshape", "expand", "unflatten", "split", "chunk", torch.reshape, torch.unflatten,
                    torch.split, torch.chunk, _aten.view.default, _aten.reshape.default, _aten.expand.default,
                    _aten.unflatten.int, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.chunk.default,
-                   _aten._unsafe_view.default}
+                   _aten._unsafe_view.default, "tensor_split", torch.tensor_split, _aten.tensor_split.sections,
+                   _aten.tensor_split.indices}
 
 
 def _is_size_arithmetic(node: fx.Node) -> bool:
@@ -316,7 +317,8 @@ def analyse_channels(gm: fx.GraphModule, example: list, exclude: frozenset[str] 
         if not isinstance(lay, Layout):
             return None
         if lay.dim is None:  # derived from a parameter alone (a clone of it): it shrinks as the parameter
-            return varying_axis(units(np.broadcast_to(lay.ids, shape)))
+            # (units vary only where the ids have their own size: not broadcast to the tensor's)
+            return varying_axis(units(lay.ids.reshape((1,) * (len(shape) - lay.ids.ndim) + lay.ids.shape)))
         ids = lay.ids
         for d in range(ids.ndim):
             if d != lay.dim:
