@@ -26,9 +26,15 @@ def torchvision_models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+def video_models() -> list[str]:
+    import torchvision
+    return list(torchvision.models.list_models(module=torchvision.models.video))
+
+
 def all_models() -> list[str]:
-    """Every classification builder of torchvision, then vpsurgery's reference nets (prefixed vps:)."""
-    return torchvision_models() + [f"vps:{n}" for n in VPS_MODELS]
+    """Every image and video classification builder of torchvision, then vpsurgery's reference nets
+    (prefixed vps:)."""
+    return torchvision_models() + video_models() + [f"vps:{n}" for n in VPS_MODELS]
 
 
 def input_spec(name: str) -> tuple[tuple[int, ...], dict]:
@@ -36,6 +42,10 @@ def input_spec(name: str) -> tuple[tuple[int, ...], dict]:
     if name.startswith("vps:"):
         from vpsurgery.models import default_input_shape
         return tuple(default_input_shape(name[4:])[1:]), {}
+    if name in ("s3d", "mvit_v1_b", "mvit_v2_s"):
+        return (3, 16, 224, 224), {}  # s3d's last pool needs 7x7 maps; MViT's positions are 16x224x224
+    if name in ("r3d_18", "mc3_18", "r2plus1d_18") or name.startswith("swin3d"):
+        return (3, 8, 64, 64), {}  # clips of 8 frames
     if name.startswith("vit_"):
         size = 56 if name.endswith("_14") else 64  # must be divisible by the patch size
         return (3, size, size), {"image_size": size}
