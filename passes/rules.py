@@ -698,11 +698,17 @@ _register(FUNCTION_RULES, (torch.linalg.vector_norm,), Rule(analyse=lambda ctx: 
 
 
 def _normalize(ctx):
-    """F.normalize(x, p, dim): x over its p-norm along `dim`; the norm spans the channels there."""
+    """F.normalize(x, p, dim): x over its p-norm along `dim`. Over the channel dim the norm spans
+    every channel, so its input is a mask site: in the gated model a removed channel is 0 there,
+    adds nothing to the norm (p > 0), and the others come out as in the shrunk model."""
     x = ctx.arg(0, "input")
     lay, ndim = ctx.layout_of(x), len(ctx.shape_of(x))
     if lay.dim is not None and lay.dim == _nd(ctx.arg(2, "dim", 1), ndim):
-        ctx.pin(lay, "normalize over the channel dim")
+        p = ctx.arg(1, "p", 2.0)
+        if not ctx.node.args or not isinstance(p, (int, float)) or p <= 0:
+            ctx.pin(lay, "normalize over the channel dim (input by keyword, or p <= 0)")
+        else:
+            ctx.consume(0, lay.dim)
     return lay
 
 

@@ -1370,3 +1370,28 @@ def test_tensor_split_along_tokens_and_channels():
     check_invariant(gm, x)
     small = vpsurgery.shrink(gm)
     assert small.b.in_features < 4 or small.c.in_features < 4  # the halves shrank (explicit sizes now)
+
+
+class _Cosine(nn.Module):
+    """A classifier on L2-normalized embeddings (metric learning heads), and a normalize over the
+    channels of a conv map."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = self.b(F.normalize(torch.relu(self.a(x)), dim=1))
+        return self.fc(F.normalize(y.mean((2, 3)), p=2, dim=1))
+
+
+def test_normalize_over_the_channels_is_exact_with_removed_channels_zero_before_it():
+    gm = wrap(_Cosine(), X)
+    assert len(group_of(gm, "a").units) == 8 and len(group_of(gm, "b").units) == 12
+    assert not any("normalize" in u.reason for u in vpsurgery.plan(gm).unprunable)
+    check_invariant(gm, X)
+    for g in vpsurgery.gates(gm).values():  # fractional theta: kept as a constant scale before it
+        g.set(torch.where(g.theta > 0, torch.rand(g.theta.shape) * 0.5 + 0.5, g.theta.detach()))
+    with torch.no_grad():
+        assert rel_err(vpsurgery.shrink(gm)(X), gm.eval()(X)) <= 1e-5

@@ -588,7 +588,12 @@ def _fold_gates(gm, plan, new_plan, removed, theta, baked, renorm):
         if mask is None:
             continue
         consumer = nodes[site.node]
-        if consumer.target not in folded:
+        if consumer.op != "call_module":  # a function (F.normalize): no weight to fold into, so a
+            kept = site.axis.restrict(removed).units  # fractional theta stays as a constant scale
+            scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
+            if not torch.all(scale == 1):
+                _scale_input(gm, consumer, site, mask, scale)
+        elif consumer.target not in folded:
             folded.add(consumer.target)
             kept = site.axis.restrict(removed).units
             scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
@@ -620,6 +625,19 @@ def _fold_gates(gm, plan, new_plan, removed, theta, baked, renorm):
             gm.graph.erase_node(node)
     gm.delete_submodule(GATES)
     gm.delete_submodule(MASKS)
+
+
+def _scale_input(gm, consumer: fx.Node, site, mask: fx.Node, scale: torch.Tensor) -> None:
+    """consumer(x * scale) for the mask's input x, scale (the kept units' theta) along the site's dim:
+    what the mask computed at those theta, as a buffer of the shrunk model."""
+    shape = [1] * len(tensor_meta(mask.args[0]).shape)
+    shape[site.axis.dim] = -1
+    name = f"vps_scale_{consumer.name}"
+    device = gm.get_submodule(mask.target).index.device  # where the model is
+    gm.register_buffer(name, scale.view(shape).to(device, tensor_meta(mask.args[0]).dtype))
+    with gm.graph.inserting_before(consumer):
+        scaled = gm.graph.call_function(operator.mul, (mask.args[0], gm.graph.get_attr(name)))
+    mask.args = (scaled, *mask.args[1:])  # the mask is replaced by its input below
 
 
 def _nodes_calling(gm, container: str) -> dict[str, fx.Node]:
