@@ -1395,3 +1395,15 @@ def test_normalize_over_the_channels_is_exact_with_removed_channels_zero_before_
         g.set(torch.where(g.theta > 0, torch.rand(g.theta.shape) * 0.5 + 0.5, g.theta.detach()))
     with torch.no_grad():
         assert rel_err(vpsurgery.shrink(gm)(X), gm.eval()(X)) <= 1e-5
+
+
+def test_a_normalize_scale_survives_a_second_round_of_wrap_and_shrink():
+    gm = wrap(_Cosine(), X)
+    for g in vpsurgery.gates(gm).values():
+        g.set(torch.rand(g.theta.shape, generator=torch.Generator().manual_seed(5)) * 0.4 + 0.6)
+    small = vpsurgery.shrink(gm)
+    again = wrap(small, X)
+    for g in vpsurgery.gates(again).values():
+        g.set(torch.rand(g.theta.shape, generator=torch.Generator().manual_seed(6)) * 0.4 + 0.6)
+    with torch.no_grad():
+        assert rel_err(vpsurgery.shrink(again)(X), again.eval()(X)) <= 1e-5

@@ -588,15 +588,14 @@ def _fold_gates(gm, plan, new_plan, removed, theta, baked, renorm):
         if mask is None:
             continue
         consumer = nodes[site.node]
-        if consumer.op != "call_module":  # a function (F.normalize): no weight to fold into, so a
-            kept = site.axis.restrict(removed).units  # fractional theta stays as a constant scale
+        if consumer.op != "call_module" or consumer.target not in folded:
+            kept = site.axis.restrict(removed).units
             scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
-            if not torch.all(scale == 1):
+        if consumer.op != "call_module":  # a function (F.normalize): no weight to fold into, so a
+            if not torch.all(scale == 1):  # fractional theta stays as a constant scale
                 _scale_input(gm, consumer, site, mask, scale)
         elif consumer.target not in folded:
             folded.add(consumer.target)
-            kept = site.axis.restrict(removed).units
-            scale = torch.tensor([theta.get(int(u), 1.0) for u in kept])
             module = gm.get_submodule(consumer.target)
             if parametrize.is_parametrized(module) and not torch.all(scale == 1):
                 module = _bake(gm, consumer.target, baked, renorm)  # a computed weight cannot be scaled in place
@@ -633,6 +632,8 @@ def _scale_input(gm, consumer: fx.Node, site, mask: fx.Node, scale: torch.Tensor
     shape = [1] * len(tensor_meta(mask.args[0]).shape)
     shape[site.axis.dim] = -1
     name = f"vps_scale_{consumer.name}"
+    while hasattr(gm, name):  # a model shrunk, wrapped and shrunk again holds the first one's
+        name += "_"
     device = gm.get_submodule(mask.target).index.device  # where the model is
     gm.register_buffer(name, scale.view(shape).to(device, tensor_meta(mask.args[0]).dtype))
     with gm.graph.inserting_before(consumer):
