@@ -313,13 +313,15 @@ def _conv_analyse(ctx, spatial: int):
     g = m.groups
     if g > 1 and by_position(m):
         # Position k of every group is one unit, on each side: the conv keeps its g groups, each
-        # narrower. The weight's per-group dim holds one group's positions (`ctx.axis` "group_in"
-        # / "group_out" for a transposed conv's out side).
+        # narrower. The weight's per-group dim holds one group's positions: its in side ("group_in"),
+        # a transposed conv's out side ("group_out").
         cin, cout = m.in_channels // g, m.out_channels // g
         ctx.space.union_rows(inp.reshape(g, cin).T)
         ctx.space.union_rows(out.reshape(g, cout).T)
-        local = ("group_out", out[:cout]) if m.transposed else ("group_in", inp[:cin])
-        ctx.space.union(ctx.axis(local[0], len(local[1])), local[1])
+        if m.transposed:
+            ctx.space.union(ctx.axis("group_out", cout), out[:cout])
+        else:
+            ctx.space.union(ctx.axis("group_in", cin), inp[:cin])
         ctx.consume(0, cdim)
     elif g > 1:
         # Whole groups go, or the conv would become invalid: each group's in and out channels form
@@ -1061,8 +1063,7 @@ _register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _VALUE_OPS), _VALUE
 _register(METHOD_RULES, _VALUE_OPS, _VALUE_OP)
 FUNCTION_RULES[torch.logical_not] = METHOD_RULES["logical_not"] = _NOT
 # bitwise ops: on masks (`valid & ~padded`), elementwise; on Python ints, sizes
-_register(FUNCTION_RULES, (operator.and_, operator.or_, operator.xor), Rule(analyse=_sizes_or_values))
-FUNCTION_RULES[operator.invert] = Rule(analyse=lambda ctx: _same(ctx) if ctx.out_is_tensor else _metadata(ctx))
+_register(FUNCTION_RULES, (operator.and_, operator.or_, operator.xor, operator.invert), Rule(analyse=_sizes_or_values))
 _BITWISE = ("bitwise_and", "bitwise_or", "bitwise_xor")
 _register(FUNCTION_RULES, tuple(getattr(torch, op) for op in _BITWISE), _VALUE_OP)
 _register(METHOD_RULES, _BITWISE + ("__and__", "__or__", "__xor__"), _VALUE_OP)
