@@ -168,8 +168,26 @@ class ChannelSpace:
         if rows.shape[1] == 2:  # union_all of two ids is the union of the smaller with the larger
             self._merge_pairs(rows[:, 0], rows[:, 1])
             return
-        for row in rows:
-            self.union_all(row)
+        roots = self._find(rows.reshape(-1)).reshape(rows.shape).tolist()
+        classes = [set(r) for r in roots]  # each row's classes, in the order union_all collects them
+        every = list(set().union(*classes))
+        if sum(map(len, classes)) != len(every):  # a class in two rows: row after row
+            for row in rows:
+                self.union_all(row)
+            return
+        # no class is in two rows, so the rows' unions do not interact: each is _merge_set on its own
+        weight = dict(zip(every, self._weight[every].tolist()))
+        heads, children, totals = [], [], []
+        for found in classes:
+            if len(found) > 1:
+                order = sorted(found, key=weight.__getitem__, reverse=True)
+                heads.append(order[0])
+                totals.append(sum(weight[r] for r in order))
+                children += [(r, order[0]) for r in order[1:]]
+        if children:
+            child, head = np.array(children, dtype=np.int64).T
+            self._parent[child] = head
+            self._weight[np.array(heads, dtype=np.int64)] = totals
 
     def _merge_pairs(self, x: np.ndarray, y: np.ndarray) -> None:
         """networkx's union(x[k], y[k]) for k in order, exactly: same roots, same weights.

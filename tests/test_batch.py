@@ -58,3 +58,29 @@ def test_per_example_where_dim_0_follows_the_batch(make, shape, expected):
     gated = vpsurgery.wrap(make().eval(), (torch.randn(shape),))
     assert plan_of(gated).per_example is expected
     assert all(g.per_example is expected for g in vpsurgery.gates(gated).values())
+
+
+class FoldsWindows(nn.Module):
+    """Swin-style: the two halves of the image are folded into dim 0 (batch x windows) where a
+    conv reads them, so dim 0 there is twice the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        y = self.b(self.a(x).reshape(n, 8, 2, h // 2, w).transpose(1, 2).reshape(n * 2, 8, h // 2, w))
+        return self.fc(y.mean((2, 3)).reshape(n, 2, 8).mean(1))
+
+
+def test_a_dim_0_that_is_a_multiple_of_the_batch_is_told_by_one_run(monkeypatch):
+    """Windows folded into dim 0 scale it by their count at any batch: the run at one example says
+    no, and the graph is not run a second time (on Swin at 224 px that run costs a second)."""
+    from vpsurgery.passes.analyse import batch
+    runs = []
+    real = batch._shapes_cheaply
+    monkeypatch.setattr(batch, "_shapes_cheaply", lambda *a: runs.append(a[1][0].shape[0]) or real(*a))
+    gated = vpsurgery.wrap(FoldsWindows().eval(), (torch.randn(2, 3, 8, 8),))
+    assert plan_of(gated).per_example is False
+    assert runs == [1]

@@ -11,7 +11,7 @@ def _replay(seed: int):
     rng = np.random.default_rng(seed)
     space, uf, arrays = ChannelSpace(), UnionFind(), []
     for _ in range(int(rng.integers(5, 25))):
-        op = int(rng.integers(0, 5))
+        op = int(rng.integers(0, 7))
         if op == 0 or not arrays:
             ids = space.fresh((int(rng.integers(1, 300)),))
             for i in ids.tolist():
@@ -20,6 +20,14 @@ def _replay(seed: int):
             continue
         x, y = arrays[rng.integers(len(arrays))], arrays[rng.integers(len(arrays))]
         n = min(len(x), len(y))
+        if op >= 5:  # rows of a grouped conv: classes in one row only (5), or shared between rows (6)
+            width = int(rng.integers(3, 9))
+            rows = (rng.permutation(x) if op == 5 else rng.choice(x, len(x)))[:len(x) // width * width]
+            rows = rows.reshape(-1, width)
+            space.union_rows(rows)
+            for row in np.sort(rows, axis=1).tolist():
+                uf.union(*row)
+            continue
         if op == 1:  # one to one, in order: a layer's fresh in-channels meet its input's
             a, b = x[:n], y[:n]
         elif op == 2:  # one to one, permuted (a channel shuffle)

@@ -185,7 +185,26 @@ def as_written(value):
     return value
 
 
-class _ShapeProp(ShapeProp):
+class LeanRun:
+    """fx.Interpreter (mixed in before it) without its per-node bookkeeping, which shape runs do
+    not need: the traceback-meta context and debug log of every node, and a walk of the dotted
+    name for every module call (its own `submodules` table holds them). On a small model at 64 px
+    that bookkeeping costs about as much as the model's arithmetic. Arguments are passed as the
+    generated code passes them (as_written)."""
+
+    def fetch_args_kwargs_from_env(self, n):
+        return as_written(super().fetch_args_kwargs_from_env(n))
+
+    def run_node(self, n):
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        module = self.submodules.get(target)  # (a module held under two names is listed under one)
+        return module(*args, **kwargs) if module is not None else super().call_module(target, args, kwargs)
+
+
+class _ShapeProp(LeanRun, ShapeProp):
     """ShapeProp's records (meta 'tensor_meta' and 'type'), less the memory-format queries (a third
     of a propagation's time; nothing here reads them), and a failure raised as NodeFailure. With
     `switch`, the rest of a slow run goes on the meta device (see SWITCH_AFTER_S)."""
@@ -208,15 +227,12 @@ class _ShapeProp(ShapeProp):
             self.switched = True
             self.env = {k: _to_meta(v) for k, v in self.env.items()}
 
-    def fetch_args_kwargs_from_env(self, n):
-        return as_written(super().fetch_args_kwargs_from_env(n))
-
     def run_node(self, n):
         if self._may_switch:
             self._maybe_switch()
         self._done += 1
         try:
-            result = fx.Interpreter.run_node(self, n)
+            result = super().run_node(n)
             if self.switched and n.op in ("placeholder", "get_attr"):  # an input, a constant: to meta too
                 result = _to_meta(result)
         except NodeFailure:
