@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from ..codegen import recompile
 from ..rules import FUNCTION_RULES
 from .export import _impure, _quiet, _slices_as_getitem
+from .inplace import free_name
 from .lift import LIFTS
 from .trace import is_tensor_meta, tensor_meta
 
@@ -170,7 +171,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, body: _Body, inputs: list[fx.Node
             if inner.op in ("placeholder", "output"):
                 continue
             if inner.op == "get_attr":
-                name = _fresh_attribute(gm, f"{node.name}_{inner.target}")
+                name = free_name(gm, f"{node.name}_{inner.target}".replace(".", "_"))
                 gm.register_buffer(name, body.constants[inner.target], persistent=False)  # moves with .to()
                 env[inner] = gm.graph.get_attr(name)
                 continue
@@ -184,12 +185,3 @@ def _splice(gm: fx.GraphModule, node: fx.Node, body: _Body, inputs: list[fx.Node
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
     return True
-
-
-def _fresh_attribute(gm, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 1
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name

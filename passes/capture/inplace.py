@@ -202,7 +202,7 @@ def make_out_of_place(gm: fx.GraphModule) -> int:
         if len(done) == len(sites):
             _set_submodule(gm, target, module)
         else:  # some calls must keep writing in place: the others call an out-of-place copy
-            name = _free_name(gm, target.replace(".", "_") + "_out_of_place")
+            name = free_name(gm, target.replace(".", "_") + "_out_of_place")
             gm.add_submodule(name, module)
             for n in done:
                 n.target = name
@@ -358,7 +358,8 @@ def _set_submodule(gm, target, module):
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
-def _free_name(gm, name):
+def free_name(gm, name):
+    """`name`, or `name_2`, `name_3`, ...: the first that `gm` has no attribute of."""
     out, i = name, 1
     while hasattr(gm, out):
         i += 1

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
 from ..capture.trace import evaluating, is_tensor_meta, tensor_meta
-from ..capture.inplace import is_inplace, may_alias
+from ..capture.inplace import free_name, is_inplace, may_alias
 from ..gate.insert import GATES, MASKS, mask_index, site_groups
 from ..gate.modules import GATED_NORMS, gate_norm, ungate_norm
 from ..attach import PLAN_KEY, plan_of, set_plan
@@ -631,9 +631,7 @@ def _scale_input(gm, consumer: fx.Node, site, mask: fx.Node, scale: torch.Tensor
     what the mask computed at those theta, as a buffer of the shrunk model."""
     shape = [1] * len(tensor_meta(mask.args[0]).shape)
     shape[site.axis.dim] = -1
-    name = f"vps_scale_{consumer.name}"
-    while hasattr(gm, name):  # a model shrunk, wrapped and shrunk again holds the first one's
-        name += "_"
+    name = free_name(gm, f"vps_scale_{consumer.name}")  # a model shrunk, wrapped and shrunk again holds one
     device = gm.get_submodule(mask.target).index.device  # where the model is
     gm.register_buffer(name, scale.view(shape).to(device, tensor_meta(mask.args[0]).dtype))
     with gm.graph.inserting_before(consumer):
